@@ -1,0 +1,3 @@
+from nci.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""``nci audit …``: the auditor's commands.
+
+``nci audit verify DOC`` checks one attestation document and prints each step. Exit status: 0 valid,
+1 rejected, 2 usage or I/O error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import sys
+import warnings
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TextIO
+
+from attestation.document import MAX_DOCUMENT_SIZE
+from attestation.errors import ConfigError
+from attestation.expectations import load_expectations, parse_pcr_option
+from attestation.policy import (
+    Check,
+    ExpectedMeasurements,
+    ExpectedNonce,
+    MaxAge,
+    Nonce,
+    PcrSet,
+    Policy,
+    RejectDebugMode,
+    UnsafeAllowDebugMode,
+)
+from attestation.report import AuditReport, audit
+from attestation.roots import TrustRoot
+
+__all__ = ["add_parser"]
+
+EXIT_VALID, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
+# base64 or hex text of a maximal document, plus whitespace
+_MAX_INPUT = MAX_DOCUMENT_SIZE * 3
+
+
+class UsageError(Exception):
+    """A bad option or an unreadable input: exit status 2."""
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    audit_parser = subparsers.add_parser("audit", help="verify attestation documents (auditors)")
+    commands = audit_parser.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
+    v = commands.add_parser(
+        "verify",
+        help="verify one attestation document and print each check",
+        description="Verify an attestation document: AWS chain, COSE signature, measurements. "
+        "DOC is raw CBOR, base64 or hex; '-' reads standard input.",
+    )
+    v.add_argument("doc", metavar="DOC", help="attestation document file, or - for stdin")
+    v.add_argument(
+        "--expect",
+        type=Path,
+        metavar="FILE",
+        help="YAML/JSON with one or several accepted PCR sets (nitro-cli Measurements accepted)",
+    )
+    v.add_argument(
+        "--pcr",
+        action="append",
+        default=[],
+        metavar="INDEX=HEX",
+        help="expected PCR value (repeatable); added to every --expect set",
+    )
+    v.add_argument("--nonce", metavar="HEX", help="expected nonce")
+    v.add_argument("--max-age", type=float, metavar="SECONDS", help="maximum document age")
+    when = v.add_mutually_exclusive_group()
+    when.add_argument("--at", metavar="ISO8601", help="verification time (default: now)")
+    when.add_argument(
+        "--at-document-time",
+        action="store_true",
+        help="check certificates at the document's own timestamp (authenticity, not freshness)",
+    )
+    v.add_argument(
+        "--allow-debug",
+        action="store_true",
+        help="UNSAFE: accept debug-mode enclaves, whose memory the parent can read",
+    )
+    v.add_argument(
+        "--trust-local-root",
+        type=Path,
+        metavar="PEM",
+        help="also trust this local (emulator) root; such documents involve no Nitro hardware",
+    )
+    v.add_argument("--json", action="store_true", help="print one JSON object")
+    v.set_defaults(handler=_verify_command)
+
+
+def _verify_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        raw = _read_document(args.doc)
+        roots = [TrustRoot.aws_nitro_g1()]
+        if args.trust_local_root is not None:
+            roots.append(TrustRoot.local(_read_small(args.trust_local_root, "local root")))
+        now = _parse_time(args.at) if args.at else datetime.now(UTC)
+        if args.at_document_time and args.max_age is not None:
+            raise UsageError(
+                "--max-age checks freshness; it cannot be combined with --at-document-time"
+            )
+        policy = _policy(args)
+    except (UsageError, ConfigError) as exc:
+        print(f"nci audit verify: {exc}", file=err)
+        return EXIT_USAGE
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = audit(
+            raw, roots=roots, now=now, policy=policy, at_document_time=args.at_document_time
+        )
+    for message in sorted({str(w.message) for w in caught}):
+        print(f"WARNING: {message}", file=err)
+    if args.json:
+        json.dump(report.to_json(), out, indent=2, sort_keys=False)
+        out.write("\n")
+    else:
+        _print_human(report, out)
+    return EXIT_VALID if report.valid else EXIT_REJECTED
+
+
+def _policy(args: argparse.Namespace) -> Policy:
+    extra_pins = dict(parse_pcr_option(item) for item in args.pcr)
+    sets: list[PcrSet] = load_expectations(args.expect) if args.expect is not None else []
+    if sets and extra_pins:
+        sets = [PcrSet({**s.values, **extra_pins}) for s in sets]
+    elif extra_pins:
+        sets = [PcrSet(extra_pins)]
+    measurements = ExpectedMeasurements(tuple(sets)) if sets else None
+    extra: list[Check] = []
+    if args.nonce is not None:
+        extra.append(ExpectedNonce(Nonce.from_hex(args.nonce)))
+    if args.max_age is not None:
+        if not args.max_age > 0:
+            raise UsageError("--max-age must be a positive number of seconds")
+        extra.append(MaxAge(timedelta(seconds=args.max_age)))
+    debug = UnsafeAllowDebugMode() if args.allow_debug else RejectDebugMode()
+    return Policy(measurements, debug=debug, extra=tuple(extra))
+
+
+def _read_small(path: Path, what: str) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(_MAX_INPUT + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if len(data) > _MAX_INPUT:
+        raise UsageError(f"{what} {path} is larger than {_MAX_INPUT} bytes")
+    return data
+
+
+def _read_document(name: str) -> bytes:
+    if name == "-":
+        data = sys.stdin.buffer.read(_MAX_INPUT + 1)
+        if len(data) > _MAX_INPUT:
+            raise UsageError(f"standard input is larger than {_MAX_INPUT} bytes")
+    else:
+        data = _read_small(Path(name), "document")
+    return decode_document_text(data)
+
+
+def decode_document_text(data: bytes) -> bytes:
+    """Raw CBOR as is; otherwise hex or base64 text (whitespace ignored), as APIs often ship it."""
+    if data[:1] in (b"\x84", b"\xd2"):
+        return data
+    text = b"".join(data.split())
+    if not text:
+        raise UsageError("the document is empty")
+    try:
+        return bytes.fromhex(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        pass
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    try:
+        return base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise UsageError("the document is neither CBOR nor hex nor base64") from None
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--at {text!r} is not an ISO 8601 time") from None
+    if when.tzinfo is None:
+        raise UsageError("--at needs a time zone, e.g. 2024-01-01T00:00:00Z")
+    return when
+
+
+def _print_human(report: AuditReport, out: TextIO) -> None:
+    width = max(len(c.name) for c in report.checks)
+    for check in report.checks:
+        mark = "ok  " if check.ok else "FAIL"
+        out.write(f"[{mark}] {check.name:<{width}}  {check.detail}\n")
+    if report.module_id is not None:
+        stamp = datetime.fromtimestamp((report.timestamp_ms or 0) / 1000, tz=UTC)
+        out.write(f"module_id: {report.module_id}\n")
+        out.write(f"timestamp: {stamp.isoformat()} ({report.timestamp_ms} ms)\n")
+        out.write(f"root:      {report.root or 'untrusted'}\n")
+        out.write(f"debug:     {'YES' if report.debug else 'no'}\n")
+        for index, value in report.pcrs.items():
+            out.write(f"PCR{index:<2}     {value}\n")
+    for note in report.notes:
+        out.write(f"NOTE: {note}\n")
+    if report.valid:
+        out.write("RESULT: VALID\n")
+    else:
+        assert report.error is not None
+        out.write(f"RESULT: REJECTED ({type(report.error).__name__}): {report.error}\n")
