@@ -18,12 +18,12 @@ Extensions follow the real chain (root and intermediates: critical BasicConstrai
 subject and authority key identifiers; leaf: critical ``CA=false``, non-critical
 ``digitalSignature``).
 
-State. :meth:`LocalCa.open` keeps the keys and certificates in a folder (mode 0700, files 0600) so
-that separate processes share one root. Creation and renewal happen under an exclusive ``flock``
-on ``<folder>/.lock`` and every file is written to a temporary name then ``os.replace``-d, so
-concurrent processes end with one chain and readers never see half a file. Keys are kept for the
-life of the folder; certificates are re-issued when they would not cover their children's lifetime
-(an intermediate that expires, or is about to, is renewed before it signs anything).
+State. :meth:`LocalCa.open` keeps the keys and certificates in a folder
+(:mod:`attestation._castore`: mode 0700, files 0600, changes under an exclusive ``flock``, atomic
+replacement) so that separate processes share one root and concurrent first runs end with one
+chain. Keys are kept for the life of the folder; certificates are re-issued when they would not
+cover their children's lifetime (an intermediate that has expired, or would expire before a child
+it signs, is renewed first).
 
 Determinism. :meth:`LocalCa.from_keys` builds the chain in memory from fixed keys and a fixed time;
 with a fixed ``rng`` (serial numbers) and RFC 6979 deterministic ECDSA it issues byte-identical

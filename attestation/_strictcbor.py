@@ -65,33 +65,56 @@ _DECODER_ERRORS: Final = (
 )
 
 
-def _check_plain(value: object, max_depth: int, depth: int = 0) -> None:
+def _check_plain(value: object, max_depth: int, text_keys: bool, depth: int = 0) -> None:
     """Only unsigned and negative integers, booleans, null, byte and text strings, arrays, and maps
-    with text keys. Anything else (floats, simple values, undefined, objects built from tags)
-    is rejected, as is nesting deeper than ``max_depth`` (which also stops reference cycles)."""
+    with text keys (or integer keys too, unless ``text_keys``). Anything else (floats, simple
+    values, undefined, objects built from tags) is rejected, as is nesting deeper than
+    ``max_depth`` (which also stops reference cycles)."""
     if depth > max_depth:
         raise CborRejected("nested too deeply")
     if value is None or type(value) in (bool, int, bytes, str):
         return
     if type(value) is list:
         for item in value:
-            _check_plain(item, max_depth, depth + 1)
+            _check_plain(item, max_depth, text_keys, depth + 1)
         return
     if type(value) is dict:
         for key, item in value.items():
-            if type(key) is not str:
-                raise CborRejected("map keys must be text strings")
-            _check_plain(item, max_depth, depth + 1)
+            if type(key) is not str and (text_keys or type(key) is not int):
+                raise CborRejected(
+                    "map keys must be text strings" if text_keys else "map keys must be text or int"
+                )
+            _check_plain(item, max_depth, text_keys, depth + 1)
         return
     raise CborRejected(f"a CBOR item decoding to {type(value).__name__} is not allowed")
 
 
-def strict_loads(data: bytes, *, max_depth: int) -> object:
+# Library messages may quote content (a duplicate key's value): report only which rule broke.
+_KNOWN_REASONS: Final = (
+    ("duplicate", "duplicate map key"),
+    ("nesting depth", "nested too deeply"),
+    ("premature end", "truncated CBOR"),
+    ("invalid", "invalid CBOR"),
+)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, EOFError):
+        return "truncated CBOR"
+    text = str(exc).lower()
+    for needle, reason in _KNOWN_REASONS:
+        if needle in text:
+            return reason
+    return f"not well-formed CBOR ({type(exc).__name__})"
+
+
+def strict_loads(data: bytes, *, max_depth: int, text_keys: bool = True) -> object:
     """Decode the single CBOR item that is exactly ``data``.
 
     ``data`` is untrusted. Raises only :class:`CborRejected`: for malformed CBOR, trailing bytes,
-    tags, duplicate map keys, non-text map keys, floats and simple values, or nesting deeper than
-    ``max_depth``.
+    tags, duplicate map keys, non-text map keys (integer keys too when ``text_keys`` is false, as
+    COSE headers and the attestation ``pcrs`` map need), floats and simple values, or nesting
+    deeper than ``max_depth``.
     """
     if type(data) is not bytes:
         raise CborRejected(f"input is a {type(data).__name__}, not bytes")
@@ -103,17 +126,16 @@ def strict_loads(data: bytes, *, max_depth: int) -> object:
             semantic_decoders=_NO_SEMANTIC_TAGS,
             max_depth=max_depth,
             allow_duplicate_keys=False,
-            strict_hashable_types=True,
+            strict_hashable_types=text_keys,
         )
         value = decoder.decode()
-        _check_plain(value, max_depth)
+        _check_plain(value, max_depth, text_keys)
     except CborRejected:
         raise
     except _DECODER_ERRORS as exc:
         if isinstance(exc.__cause__, CborRejected):  # raised by our hooks, wrapped by cbor2
             raise CborRejected(str(exc.__cause__)) from None
-        # The library's message may quote content (a duplicate key); keep only its kind.
-        raise CborRejected(f"not well-formed CBOR ({type(exc).__name__})") from None
+        raise CborRejected(_reason(exc)) from None
     # cbor2 stops after one item: bytes after it would be smuggled past the parser, not ignored.
     if stream.tell() != len(data):
         raise CborRejected(f"{len(data) - stream.tell()} trailing bytes after the CBOR item")

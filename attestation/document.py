@@ -25,9 +25,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
-import cbor2
-
-from attestation._cbor import strict_loads
+from attestation._strictcbor import CborRejected, strict_loads
 from attestation.errors import MalformedDocument
 
 __all__ = [
@@ -49,7 +47,8 @@ PCR_LENGTH = 48
 MAX_TIMESTAMP_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 PCR_INDEXES = range(32)
 COSE_ALG_ES384 = -35
-_COSE_TAG = 18
+_COSE_SIGN1_TAG = b"\xd2"  # CBOR tag 18 (RFC 9052 §4.2), a one-byte head
+_MAX_DEPTH = 4  # COSE array > payload map > pcrs map / cabundle array > byte string
 _SIGNATURE_LENGTH = 96
 _COSE_ALG_NAMES = {-7: "ES256", -35: "ES384", -36: "ES512", -8: "EdDSA", -37: "PS256"}
 _REQUIRED = ("module_id", "digest", "timestamp", "pcrs", "certificate", "cabundle")
@@ -105,22 +104,16 @@ class AttestationDocument:
             raise MalformedDocument(
                 f"document is {len(data)} bytes; the maximum is {MAX_DOCUMENT_SIZE}"
             )
-        # (2) COSE_Sign1 = [protected: bstr, unprotected: map, payload: bstr, signature: bstr]
-        outer = strict_loads(data, what="document", error=MalformedDocument)
-        if isinstance(outer, cbor2.CBORTag):
-            if outer.tag != _COSE_TAG:
-                raise MalformedDocument(
-                    f"document has CBOR tag {outer.tag}; only COSE_Sign1 (18) or none is allowed"
-                )
-            outer = outer.value
-        # content under a tag decodes as immutable (tuple, frozendict): accept both forms
-        if not isinstance(outer, list | tuple) or len(outer) != 4:
+        # (2) COSE_Sign1 = [protected: bstr, unprotected: map, payload: bstr, signature: bstr],
+        # untagged as the NSM emits it, or under tag 18 (one byte, 0xd2); no other tag anywhere
+        outer = _decode(data[1:] if data[:1] == _COSE_SIGN1_TAG else data, "document")
+        if not isinstance(outer, list) or len(outer) != 4:
             raise MalformedDocument("document is not a COSE_Sign1 array of 4 elements")
         protected, unprotected, payload, signature = outer
         # (3) protected header: exactly {1: -35} (alg ES384), RFC 9052 §3.1 / AWS §3.2
         _check_protected(protected)
         # (4) AWS leaves the unprotected header empty; anything in it is unauthenticated input
-        if not isinstance(unprotected, Mapping) or len(unprotected) != 0:
+        if unprotected != {}:
             raise MalformedDocument("unprotected header must be an empty map")
         if not isinstance(payload, bytes) or not payload:
             raise MalformedDocument("payload must be a non-empty byte string")
@@ -134,10 +127,17 @@ class AttestationDocument:
         return cls(raw=data, protected=protected, payload=payload, signature=signature, **fields)
 
 
+def _decode(data: bytes, what: str) -> Any:
+    try:
+        return strict_loads(data, max_depth=_MAX_DEPTH, text_keys=False)
+    except CborRejected as exc:
+        raise MalformedDocument(f"{what} is not strict CBOR: {exc}") from None
+
+
 def _check_protected(protected: Any) -> None:
     if not isinstance(protected, bytes):
         raise MalformedDocument("protected header must be a byte string")
-    header = strict_loads(protected, what="protected header", error=MalformedDocument)
+    header = _decode(protected, "protected header")
     if not isinstance(header, dict) or len(header) != 1 or type(next(iter(header))) is not int:
         raise MalformedDocument("protected header must be exactly {1: alg}")
     if 1 not in header:
@@ -151,7 +151,7 @@ def _check_protected(protected: Any) -> None:
 
 
 def _parse_payload(payload: bytes) -> dict[str, Any]:
-    body = strict_loads(payload, what="payload", error=MalformedDocument)
+    body = _decode(payload, "payload")
     if not isinstance(body, dict):
         raise MalformedDocument("payload must be a CBOR map")
     keys = set(body)

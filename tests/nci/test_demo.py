@@ -1,0 +1,21 @@
+"""`nci demo`: the local attestation round trip runs, twice on one state folder."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from nci.cli import main
+
+
+def test_demo_accepts_the_genuine_document_and_refuses_forgeries(tmp_path: Path) -> None:
+    for _ in range(2):  # the second run reuses the local CA in the state folder
+        out, err = io.StringIO(), io.StringIO()
+        status = main(["demo", "--state-dir", str(tmp_path)], out=out, err=err)
+        text = out.getvalue()
+        assert status == 0, text + err.getvalue()
+        assert "=> ACCEPTED" in text
+        assert "REFUSED (SignatureInvalid)" in text
+        assert "REFUSED (ChainInvalid)" in text
+        assert "not by Nitro hardware" in text
+    assert (tmp_path / "nsm").is_dir()
