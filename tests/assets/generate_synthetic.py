@@ -30,7 +30,11 @@ HERE = Path(__file__).resolve().parent / "synthetic"
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 # Fixed "application" measurements: the vectors must not change when the enclave's code does.
 MEASUREMENTS = {i: hashlib.sha384(f"nci synthetic PCR{i}".encode()).digest() for i in (0, 1, 2)}
-_ORDER = int("FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973", 16)  # fmt: skip
+_ORDER = int(  # the order of the P-384 group (SEC 2 §2.5.1)
+    "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF"
+    "C7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973",
+    16,
+)
 
 
 def fixed_key(label: str) -> ec.EllipticCurvePrivateKey:

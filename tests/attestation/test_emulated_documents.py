@@ -1,4 +1,4 @@
-"""Documents from the NSM emulator: one verifier serves them and AWS's, under the right root only."""
+"""Emulator documents: one verifier serves them and AWS's, each under its own root only."""
 
 from __future__ import annotations
 
