@@ -224,12 +224,9 @@ def _chain(state: ProcedureState, roots: Sequence[TrustRoot]) -> str:
     # (2b) every certificate: ECDSA P-384 key, signed with ecdsa-with-SHA384
     for cert, name in zip(certs, names, strict=True):
         _check_algorithms(cert, name)
-    # (2c) the root is self-issued and a CA
+    # (2c) the root is trusted by its exact bytes (2a), so its self-signature adds nothing; it must
+    # still be a CA whose path length admits the chain
     _check_ca(certs[0], names[0], below=len(certs) - 2)
-    try:
-        certs[0].verify_directly_issued_by(certs[0])
-    except (ValueError, TypeError, InvalidSignature):
-        raise ChainInvalid("cabundle[0] is not a self-signed root") from None
     # (2d) each one directly issued by the one before: issuer name and signature
     for i in range(1, len(certs)):
         try:

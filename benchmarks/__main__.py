@@ -1,0 +1,24 @@
+"""Run every benchmark: ``python -m benchmarks [--json]``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from benchmarks import attestation_verify
+
+
+def main() -> int:
+    results = {"attestation_verify": attestation_verify.run()}
+    if "--json" in sys.argv[1:]:
+        print(json.dumps(results, indent=2))
+    else:
+        for name, figures in results.items():
+            print(f"== {name}")
+            for key, value in figures.items():
+                print(f"  {key:<32} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
