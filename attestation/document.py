@@ -19,6 +19,7 @@ payload bytes exactly as received (they are kept, never re-encoded).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,6 +52,7 @@ _COSE_SIGN1_TAG = b"\xd2"  # CBOR tag 18 (RFC 9052 §4.2), a one-byte head
 _MAX_DEPTH = 4  # COSE array > payload map > pcrs map / cabundle array > byte string
 _SIGNATURE_LENGTH = 96
 _COSE_ALG_NAMES = {-7: "ES256", -35: "ES384", -36: "ES512", -8: "EdDSA", -37: "PS256"}
+_MODULE_ID = re.compile(r"[\x21-\x7e]+")
 _REQUIRED = ("module_id", "digest", "timestamp", "pcrs", "certificate", "cabundle")
 _OPTIONAL = ("public_key", "user_data", "nonce")
 _DEBUG_PCRS = (0, 1, 2, 8)
@@ -167,6 +169,10 @@ def _parse_payload(payload: bytes) -> dict[str, Any]:
     module_id = body["module_id"]
     if not isinstance(module_id, str) or not 0 < len(module_id) <= MAX_MODULE_ID:
         raise MalformedDocument(f"module_id must be a non-empty text of at most {MAX_MODULE_ID}")
+    # AWS's ids look like "i-0123…-enc0123…": printable ASCII without spaces. Anything else
+    # (control characters, escape sequences) could forge lines in an auditor's terminal.
+    if not _MODULE_ID.fullmatch(module_id):
+        raise MalformedDocument("module_id must be printable ASCII without spaces")
     if body["digest"] != "SHA384":
         raise MalformedDocument(f"digest is {body['digest']!r}; only 'SHA384' is accepted")
     timestamp = body["timestamp"]

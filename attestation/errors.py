@@ -9,6 +9,7 @@ One base class, split by who is at fault::
     │   └── CertificateExpired   a certificate in the chain is not valid at the verification time
     ├── PolicyViolation          a genuine document that does not meet the caller's expectations
     │   ├── MeasurementMismatch  no accepted PCR set matches
+    │   ├── MeasurementNotPinned no expected measurement given: an inspection, not a verification
     │   ├── DebugModeDocument    PCR0, 1, 2 and 8 are all zero: a debug-mode enclave
     │   ├── NonceMismatch        the nonce is absent or differs
     │   ├── StaleDocument        older than the maximum age, or dated in the future
@@ -32,6 +33,7 @@ __all__ = [
     "DebugModeDocument",
     "MalformedDocument",
     "MeasurementMismatch",
+    "MeasurementNotPinned",
     "NonceMismatch",
     "NsmError",
     "NsmTransportError",
@@ -69,6 +71,10 @@ class PolicyViolation(AttestationError):
 
 class MeasurementMismatch(PolicyViolation):
     """The document's PCRs match none of the accepted measurement sets."""
+
+
+class MeasurementNotPinned(PolicyViolation):
+    """No expected measurement was given: an authentic document, but of any enclave image."""
 
 
 class DebugModeDocument(PolicyViolation):

@@ -54,6 +54,8 @@ def parse_expectations(text: str, *, source: str = "expectations") -> list[PcrSe
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source} is not valid YAML or JSON: {_first_line(exc)}") from None
+    except (RecursionError, MemoryError):
+        raise ConfigError(f"{source} is nested too deeply") from None
     if isinstance(doc, dict) and set(doc) == {"accept"}:
         doc = doc["accept"]
     items = doc if isinstance(doc, list) else [doc]

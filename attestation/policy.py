@@ -30,6 +30,7 @@ from attestation.errors import (
     ConfigError,
     DebugModeDocument,
     MeasurementMismatch,
+    MeasurementNotPinned,
     NonceMismatch,
     PublicKeyMismatch,
     StaleDocument,
@@ -172,6 +173,19 @@ class ExpectedMeasurements:
 
 
 @dataclass(frozen=True)
+class _NotPinned:
+    """What an inspection without expected measurements reports: a refusal, said plainly."""
+
+    name: str = field(default="measurements", init=False)
+
+    def check(self, document: AttestationDocument, now: datetime) -> str:
+        raise MeasurementNotPinned(
+            "no expected measurement was pinned: the document may be authentic, "
+            "but it is not verified to come from any particular enclave image"
+        )
+
+
+@dataclass(frozen=True)
 class UnsafeNoMeasurements:
     """Accept any measurements. Any enclave image then passes: for experiments only."""
 
@@ -218,6 +232,11 @@ class UnsafeAllowDebugMode:
         return "production mode (debug mode would have been accepted)"
 
 
+def _require_bytes(name: str, value: object) -> None:
+    if not isinstance(value, bytes) or not value:
+        raise ConfigError(f"expected {name} must be non-empty bytes (empty means absent)")
+
+
 def _compare(name: str, expected: bytes, actual: bytes | None, error: type[Exception]) -> str:
     if actual is None:
         raise error(f"{name} is absent; expected {len(expected)} bytes")
@@ -244,6 +263,9 @@ class ExpectedPublicKey:
     public_key: bytes
     name: str = field(default="public key", init=False)
 
+    def __post_init__(self) -> None:
+        _require_bytes("public_key", self.public_key)
+
     def check(self, document: AttestationDocument, now: datetime) -> str:
         return _compare("public_key", self.public_key, document.public_key, PublicKeyMismatch)
 
@@ -254,6 +276,9 @@ class ExpectedUserData:
 
     user_data: bytes
     name: str = field(default="user data", init=False)
+
+    def __post_init__(self) -> None:
+        _require_bytes("user_data", self.user_data)
 
     def check(self, document: AttestationDocument, now: datetime) -> str:
         return _compare("user_data", self.user_data, document.user_data, UserDataMismatch)
@@ -336,6 +361,5 @@ class Policy:
     def checks(self) -> Iterable[Check]:
         """Every check in evaluation order: debug mode, measurements, then the extras."""
         yield self.debug
-        if self.measurements is not None:
-            yield self.measurements
+        yield self.measurements if self.measurements is not None else _NotPinned()
         yield from self.extra

@@ -19,7 +19,9 @@ from attestation.policy import Policy
 from attestation.roots import TrustRoot
 from attestation.verify import CheckOutcome, ProcedureState, run_checks
 
-__all__ = ["AuditReport", "audit"]
+__all__ = ["AUTHENTICITY_CHECKS", "AuditReport", "audit"]
+
+AUTHENTICITY_CHECKS = ("parse", "chain", "validity", "signature")
 
 NO_HARDWARE_NOTE = (
     "this document chains to a LOCAL root: it was produced by the NSM emulator, "
@@ -52,9 +54,16 @@ class AuditReport:
     def valid(self) -> bool:
         return self.error is None
 
+    @property
+    def authentic(self) -> bool:
+        """Parse, chain, validity and signature held: the document is what its root signed."""
+        steps = {c.name: c.ok for c in self.checks}
+        return all(steps.get(name, False) for name in AUTHENTICITY_CHECKS)
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "valid": self.valid,
+            "authentic": self.authentic,
             "module_id": self.module_id,
             "timestamp": self.timestamp_ms,
             "debug": self.debug,
@@ -87,7 +96,7 @@ def audit(
         now = _document_time(raw, now)
     state = ProcedureState()
     outcomes = list(
-        run_checks(raw, state, roots=roots, now=now, policy=policy, stop_on_failure=False)
+        run_checks(raw, state, roots=roots, now=now, checks=policy.checks(), stop_on_failure=False)
     )
     first_error = next((o.error for o in outcomes if o.error is not None), None)
     if first_error is None and any(not o.ok for o in outcomes):  # pragma: no cover (defensive)

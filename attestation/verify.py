@@ -23,9 +23,9 @@ The procedure follows AWS's "Verifying the root of trust" (attestation process ย
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import cbor2
@@ -45,10 +45,18 @@ from attestation.errors import (
     MalformedDocument,
     SignatureInvalid,
 )
-from attestation.policy import Policy
+from attestation.policy import Check, MaxAge, Policy
 from attestation.roots import TrustRoot
 
-__all__ = ["CheckOutcome", "ProcedureState", "VerifiedAttestation", "run_checks", "verify"]
+__all__ = [
+    "AuthenticDocument",
+    "CheckOutcome",
+    "ProcedureState",
+    "VerifiedAttestation",
+    "authenticate",
+    "run_checks",
+    "verify",
+]
 
 
 @dataclass(frozen=True)
@@ -119,7 +127,7 @@ def verify(
     outcomes: list[CheckOutcome] = []
     state = ProcedureState()
     for outcome in run_checks(
-        raw, state, roots=roots, now=now, policy=policy, stop_on_failure=True
+        raw, state, roots=roots, now=now, checks=policy.checks(), stop_on_failure=True
     ):
         if outcome.error is not None:
             raise outcome.error
@@ -129,6 +137,40 @@ def verify(
     return VerifiedAttestation(
         document=state.document, root=state.root, verified_at=now, checks=tuple(outcomes)
     )
+
+
+@dataclass(frozen=True)
+class AuthenticDocument:
+    """A document whose chain, validity, signature and age are checked, and nothing else.
+
+    For a relying party that enforces measurements itself, as KMS does through the key policy's
+    ``kms:RecipientAttestation:*`` conditions. It is not a :class:`VerifiedAttestation`: code that
+    needs the enclave's identity must not accept it.
+    """
+
+    document: AttestationDocument
+    root: TrustRoot
+    verified_at: datetime
+
+
+def authenticate(
+    raw: bytes, *, roots: Sequence[TrustRoot], now: datetime, max_age: timedelta
+) -> AuthenticDocument:
+    """Check that Nitro hardware (or a named local root) made ``raw`` at most ``max_age`` ago.
+
+    ``raw`` is untrusted. Raises the first failing rule's error. Debug-mode documents pass: their
+    all-zero PCRs are left for the caller's conditions to refuse.
+    """
+    state = ProcedureState()
+    checks = [MaxAge(max_age)]
+    for outcome in run_checks(
+        raw, state, roots=roots, now=now, checks=checks, stop_on_failure=True
+    ):
+        if outcome.error is not None:
+            raise outcome.error
+    if state.document is None or state.root is None:  # pragma: no cover (every step passed)
+        raise AssertionError("authentication ended without a document and a root")
+    return AuthenticDocument(document=state.document, root=state.root, verified_at=now)
 
 
 @dataclass
@@ -146,7 +188,7 @@ def run_checks(
     *,
     roots: Sequence[TrustRoot],
     now: datetime,
-    policy: Policy,
+    checks: Iterable[Check],
     stop_on_failure: bool,
 ) -> Iterator[CheckOutcome]:
     """Yield each check's outcome in order, filling ``state`` as the steps pass.
@@ -163,7 +205,7 @@ def run_checks(
         ("validity", lambda: _validity(state, now), lambda: state.chain is not None),
         ("signature", lambda: _signature(state), lambda: state.chain is not None),
     ]
-    for check in policy.checks():
+    for check in checks:
         steps.append((check.name, _bind(check, state, now), lambda: state.root is not None))
     failed_names: list[str] = []
     for name, step, ready in steps:
@@ -224,6 +266,7 @@ def _chain(state: ProcedureState, roots: Sequence[TrustRoot]) -> str:
     # (2b) every certificate: ECDSA P-384 key, signed with ecdsa-with-SHA384
     for cert, name in zip(certs, names, strict=True):
         _check_algorithms(cert, name)
+        _check_critical_extensions(cert, name)
     # (2c) the root is trusted by its exact bytes (2a), so its self-signature adds nothing; it must
     # still be a CA whose path length admits the chain
     _check_ca(certs[0], names[0], below=len(certs) - 2)
@@ -275,6 +318,29 @@ def _extension(cert: x509.Certificate, kind: type[Any], name: str) -> Any:
         raise ChainInvalid(f"{name} has malformed extensions") from None
 
 
+# RFC 5280 ยง4.2: a verifier must reject a certificate with a critical extension it does not process
+_UNDERSTOOD_CRITICAL = {
+    x509.oid.ExtensionOID.BASIC_CONSTRAINTS,
+    x509.oid.ExtensionOID.KEY_USAGE,
+    x509.oid.ExtensionOID.EXTENDED_KEY_USAGE,
+    x509.oid.ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+    x509.oid.ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+}
+
+
+def _check_critical_extensions(cert: x509.Certificate, name: str) -> None:
+    try:
+        extensions = list(cert.extensions)
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        raise ChainInvalid(f"{name} has malformed extensions") from None
+    for extension in extensions:
+        if extension.critical and extension.oid not in _UNDERSTOOD_CRITICAL:
+            raise ChainInvalid(
+                f"{name} has a critical extension this verifier does not process "
+                f"({extension.oid.dotted_string})"
+            )
+
+
 def _check_ca(cert: x509.Certificate, name: str, *, below: int) -> None:
     basic = _extension(cert, x509.BasicConstraints, name)
     if basic is None or not basic.critical or not basic.value.ca:
@@ -308,7 +374,7 @@ def _validity(state: ProcedureState, now: datetime) -> str:
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise CertificateExpired(
                 f"{name} is valid from {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} to "
-                f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}, not at {now:%Y-%m-%dT%H:%M:%SZ}"
+                f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}, not at {_utc(now)}"
             )
     leaf = state.chain[-1]
     # the NSM signs with a fresh leaf; a timestamp outside its life means a misissued document
@@ -316,7 +382,11 @@ def _validity(state: ProcedureState, now: datetime) -> str:
     slack = timedelta(seconds=1)
     if not leaf.not_valid_before_utc - slack <= stamp <= leaf.not_valid_after_utc:
         raise ChainInvalid(f"document timestamp {stamp.isoformat()} is outside the leaf's validity")
-    return f"every certificate valid at {now:%Y-%m-%dT%H:%M:%SZ}"
+    return f"every certificate valid at {_utc(now)}"
+
+
+def _utc(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # (4) COSE signature ----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """``nci audit …``: the auditor's commands.
 
-``nci audit verify DOC`` checks one attestation document and prints each step. Exit status: 0 valid,
-1 rejected, 2 usage or I/O error.
+``nci audit verify DOC`` checks one attestation document and prints each step; ``nci audit policy``
+lints a KMS key policy. Exit status: 0 valid (no error finding), 1 rejected, 2 usage or I/O error.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from attestation.document import MAX_DOCUMENT_SIZE
-from attestation.errors import ConfigError
+from attestation.errors import ConfigError, MeasurementNotPinned
 from attestation.expectations import load_expectations, parse_pcr_option
 from attestation.policy import (
     Check,
@@ -32,10 +34,14 @@ from attestation.policy import (
 )
 from attestation.report import AuditReport, audit
 from attestation.roots import TrustRoot
+from kms_policy import KeyPolicy, check
+from kms_policy.errors import KmsPolicyError
+from nci._aws import client
 
 __all__ = ["add_parser"]
 
 EXIT_VALID, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
+_MAX_AGE_LIMIT = 10 * 365 * 86400.0  # ten years; also rejects inf and nan
 # base64 or hex text of a maximal document, plus whitespace
 _MAX_INPUT = MAX_DOCUMENT_SIZE * 3
 
@@ -90,6 +96,20 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     v.add_argument("--json", action="store_true", help="print one JSON object")
     v.set_defaults(handler=_verify_command)
 
+    p = commands.add_parser(
+        "policy",
+        help="lint a KMS key policy: who can obtain the data key, under which measurements",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--policy", type=Path, metavar="FILE", help="key policy JSON file")
+    source.add_argument("--key-id", metavar="ID", help="fetch the policy of this KMS key")
+    p.add_argument("--expect", type=Path, metavar="FILE", help="expected PCR set(s)")
+    p.add_argument("--role", metavar="ARN", help="the parent instance's role, for targeted rules")
+    p.add_argument("--endpoint-url", help="KMS endpoint, with --key-id")
+    p.add_argument("--region", help="AWS region, with --key-id (default: us-east-1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=_policy_command)
+
 
 def _verify_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
@@ -121,8 +141,44 @@ def _verify_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_VALID if report.valid else EXIT_REJECTED
 
 
+def _policy_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        text = _policy_text(args)
+        policy = KeyPolicy.from_json(text)
+        expect = [s.values for s in load_expectations(args.expect)] if args.expect else None
+        report = check(policy, expect=expect, role_arn=args.role)
+    except (UsageError, ConfigError, KmsPolicyError) as exc:
+        print(f"nci audit policy: {exc}", file=err)
+        return EXIT_USAGE
+    if args.json:
+        json.dump(report.to_json(), out, indent=2)
+        out.write("\n")
+    else:
+        out.write(report.summary() + "\n")
+    return EXIT_VALID if report.ok else EXIT_REJECTED
+
+
+def _policy_text(args: argparse.Namespace) -> str:
+    if args.policy is not None:
+        try:
+            return _read_small(args.policy, "key policy").decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"key policy {args.policy} is not UTF-8") from None
+    kms = client("kms", endpoint_url=args.endpoint_url, region=args.region)
+    try:
+        answer = kms.get_key_policy(KeyId=args.key_id, PolicyName="default")
+    except (ClientError, BotoCoreError) as exc:
+        raise UsageError(f"cannot fetch the policy of {args.key_id}: {exc}") from None
+    return str(answer["Policy"])
+
+
 def _policy(args: argparse.Namespace) -> Policy:
-    extra_pins = dict(parse_pcr_option(item) for item in args.pcr)
+    extra_pins: dict[int, bytes] = {}
+    for item in args.pcr:
+        index, value = parse_pcr_option(item)
+        if index in extra_pins:
+            raise UsageError(f"--pcr {index} is given twice")
+        extra_pins[index] = value
     sets: list[PcrSet] = load_expectations(args.expect) if args.expect is not None else []
     if sets and extra_pins:
         sets = [PcrSet({**s.values, **extra_pins}) for s in sets]
@@ -133,8 +189,10 @@ def _policy(args: argparse.Namespace) -> Policy:
     if args.nonce is not None:
         extra.append(ExpectedNonce(Nonce.from_hex(args.nonce)))
     if args.max_age is not None:
-        if not args.max_age > 0:
-            raise UsageError("--max-age must be a positive number of seconds")
+        if not 0 < args.max_age <= _MAX_AGE_LIMIT:
+            raise UsageError(
+                f"--max-age must be a positive number of seconds, at most {_MAX_AGE_LIMIT:.0f}"
+            )
         extra.append(MaxAge(timedelta(seconds=args.max_age)))
     debug = UnsafeAllowDebugMode() if args.allow_debug else RejectDebugMode()
     return Policy(measurements, debug=debug, extra=tuple(extra))
@@ -192,14 +250,19 @@ def _parse_time(text: str) -> datetime:
     return when
 
 
+def _printable(text: str) -> str:
+    """Escape anything a terminal could interpret: reports quote attacker-chosen text."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def _print_human(report: AuditReport, out: TextIO) -> None:
     width = max(len(c.name) for c in report.checks)
-    for check in report.checks:
-        mark = "ok  " if check.ok else "FAIL"
-        out.write(f"[{mark}] {check.name:<{width}}  {check.detail}\n")
+    for outcome in report.checks:
+        mark = "ok  " if outcome.ok else "FAIL"
+        out.write(f"[{mark}] {outcome.name:<{width}}  {_printable(outcome.detail)}\n")
     if report.module_id is not None:
         stamp = datetime.fromtimestamp((report.timestamp_ms or 0) / 1000, tz=UTC)
-        out.write(f"module_id: {report.module_id}\n")
+        out.write(f"module_id: {_printable(report.module_id)}\n")
         out.write(f"timestamp: {stamp.isoformat()} ({report.timestamp_ms} ms)\n")
         out.write(f"root:      {report.root or 'untrusted'}\n")
         out.write(f"debug:     {'YES' if report.debug else 'no'}\n")
@@ -209,6 +272,10 @@ def _print_human(report: AuditReport, out: TextIO) -> None:
         out.write(f"NOTE: {note}\n")
     if report.valid:
         out.write("RESULT: VALID\n")
+    elif isinstance(report.error, MeasurementNotPinned) and report.authentic:
+        out.write(
+            "RESULT: AUTHENTIC, NOT VERIFIED: no measurement pinned (use --expect or --pcr)\n"
+        )
     else:
-        assert report.error is not None
-        out.write(f"RESULT: REJECTED ({type(report.error).__name__}): {report.error}\n")
+        error = _printable(str(report.error))
+        out.write(f"RESULT: REJECTED ({type(report.error).__name__}): {error}\n")

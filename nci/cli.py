@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from nci import audit, demo
+from nci import audit, demo, kms, provider
 
 __all__ = ["main"]
 
@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     audit.add_parser(groups)
     demo.add_parser(groups)
+    kms.add_parser(groups)
+    provider.add_parser(groups)
     return parser
 
 
@@ -44,5 +46,8 @@ def main(
         format="%(levelname)s %(name)s: %(message)s",
         stream=err,
     )
-    status: int = args.handler(args, out, err)
+    try:
+        status: int = args.handler(args, out, err)
+    except BrokenPipeError:  # `nci … | head`: the reader left; not an error of ours
+        return 0
     return status

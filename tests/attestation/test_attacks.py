@@ -125,6 +125,7 @@ ATTACKS: dict[str, tuple[Callable[[], bytes], type[AttestationError]]] = {
     "timestamp_past_year_9999": (lambda: with_payload_fields(DOC, timestamp=2**63), MalformedDocument),
     "timestamp_text": (lambda: with_payload_fields(DOC, timestamp="1665651482136"), MalformedDocument),
     "module_id_empty": (lambda: with_payload_fields(DOC, module_id=""), MalformedDocument),
+    "module_id_with_terminal_escape": (lambda: with_payload_fields(DOC, module_id="i-0\n\x1b[8m"), MalformedDocument),
     "module_id_missing": (lambda: with_payload_fields(DOC, module_id=DELETE), MalformedDocument),
     "unknown_payload_field": (lambda: with_payload_fields(DOC, debug=False), MalformedDocument),
     "oversize_user_data": (lambda: with_payload_fields(DOC, user_data=b"\x00" * 1025), MalformedDocument),
@@ -213,3 +214,31 @@ def test_mutated_real_document_raises_only_attestation_errors(flips: list[tuple[
         data[offset] ^= mask
     with pytest.raises(AttestationError):
         verify(bytes(data), roots=AWS, now=just_after(1), policy=Policy.expect(pcrs(1, 0, 1, 2)))
+
+
+def test_rejects_certificate_with_unknown_critical_extension() -> None:
+    from cryptography.x509.oid import ObjectIdentifier
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "root")])
+    start = datetime(2020, 1, 1, tzinfo=UTC)
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(start)
+        .not_valid_after(start + timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.UnrecognizedExtension(ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00"),
+            critical=True,
+        )
+        .sign(key, hashes.SHA384())
+    )
+    der = root.public_bytes(serialization.Encoding.DER)
+    tampered = with_payload_fields(DOC, cabundle=[der, *payload_map(DOC)["cabundle"][1:]])
+    with pytest.raises(ChainInvalid, match="critical extension"):
+        verify(tampered, roots=[*AWS, TrustRoot("local", der)], now=just_after(1),
+               policy=Policy.expect(pcrs(1, 0)))  # fmt: skip

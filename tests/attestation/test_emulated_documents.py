@@ -12,7 +12,12 @@ import pytest
 from attestation import _measure
 from attestation.document import AttestationDocument
 from attestation.emulator import EmulatedNsm
-from attestation.errors import ChainInvalid, DebugModeDocument, MeasurementMismatch
+from attestation.errors import (
+    ChainInvalid,
+    DebugModeDocument,
+    MeasurementMismatch,
+    StaleDocument,
+)
 from attestation.nsm import NsmClient
 from attestation.policy import (
     ExpectedMeasurements,
@@ -22,7 +27,7 @@ from attestation.policy import (
     UnsafePolicyWarning,
 )
 from attestation.roots import TrustRoot
-from attestation.verify import verify
+from attestation.verify import authenticate, verify
 from nci.cli import main
 from tests.assets import generate_synthetic as synthetic
 
@@ -158,3 +163,21 @@ def test_cli_says_no_nitro_hardware_for_emulated_documents(tmp_path: Path) -> No
     )  # fmt: skip
     assert status == 1
     assert json.loads(out.getvalue())["error"]["type"] == "ChainInvalid"
+
+
+def test_authenticate_accepts_debug_documents_and_leaves_measurements_to_the_caller() -> None:
+    authentic = authenticate(
+        vector("emulated-debug"), roots=[LOCAL], now=AT, max_age=timedelta(minutes=5)
+    )
+    assert authentic.document.is_debug_mode
+    assert authentic.root.name == "local"
+
+
+def test_authenticate_rejects_stale_and_untrusted_documents() -> None:
+    later = AT + timedelta(minutes=10)
+    with pytest.raises(StaleDocument):
+        authenticate(
+            vector("emulated-definite"), roots=[LOCAL], now=later, max_age=timedelta(minutes=5)
+        )
+    with pytest.raises(ChainInvalid):
+        authenticate(vector("emulated-definite"), roots=[AWS], now=AT, max_age=timedelta(minutes=5))

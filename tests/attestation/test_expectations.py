@@ -93,3 +93,12 @@ def test_rejects_guessable_or_oversized_nonce(size: int) -> None:
 
 def test_random_nonce_has_fixed_size() -> None:
     assert len(Nonce.random().value) == Nonce.SIZE == 32
+
+
+def test_rejects_empty_expected_public_key_or_user_data() -> None:
+    from attestation.policy import ExpectedPublicKey, ExpectedUserData
+
+    with pytest.raises(ConfigError):
+        ExpectedUserData(b"")
+    with pytest.raises(ConfigError):
+        ExpectedPublicKey(b"")

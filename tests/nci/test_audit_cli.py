@@ -64,7 +64,9 @@ def test_rejects_debug_document_unless_allowed_loudly() -> None:
     status, out, _ = run("audit", "verify", doc(2), "--at-document-time", "--json")
     assert status == 1
     assert json.loads(out)["error"]["type"] == "DebugModeDocument"
-    status, out, err = run("audit", "verify", doc(2), "--at-document-time", "--allow-debug")
+    status, out, err = run(
+        "audit", "verify", doc(2), "--at-document-time", "--allow-debug", *pcr_args(2, 3)
+    )
     assert status == 0
     assert "WARNING" in err
     assert "debug" in err
@@ -72,15 +74,22 @@ def test_rejects_debug_document_unless_allowed_loudly() -> None:
 
 
 def test_rejects_bad_signature_document_for_its_signature() -> None:
-    status, out, _ = run("audit", "verify", doc(8), "--at-document-time", "--allow-debug", "--json")
+    status, out, _ = run(
+        "audit", "verify", doc(8), "--at-document-time", "--allow-debug", "--json", *pcr_args(8, 4)
+    )
     assert status == 1
     assert json.loads(out)["error"]["type"] == "SignatureInvalid"
 
 
-def test_without_pins_says_no_measurement_was_pinned() -> None:
+def test_without_pins_is_an_inspection_that_does_not_pass() -> None:
     status, out, _ = run("audit", "verify", doc(6), "--at-document-time")
-    assert status == 0
+    assert status == 1
     assert "no measurement was pinned" in out
+    assert "AUTHENTIC, NOT VERIFIED" in out
+    status, out, _ = run("audit", "verify", doc(6), "--at-document-time", "--json")
+    report = json.loads(out)
+    assert (report["valid"], report["authentic"]) == (False, True)
+    assert report["error"]["type"] == "MeasurementNotPinned"
 
 
 def test_expect_file_in_nitro_cli_shape(tmp_path: Path) -> None:
@@ -114,8 +123,9 @@ def test_nonce_option() -> None:
     )
     assert status == 0
     status, out, _ = run(
-        "audit", "verify", doc(1), "--at-document-time", "--json", "--nonce", "ab" * 32
-    )
+        "audit", "verify", doc(1), "--at-document-time", "--json", "--nonce", "ab" * 32,
+        *pcr_args(1, 0),
+    )  # fmt: skip
     assert status == 1
     assert json.loads(out)["error"]["type"] == "NonceMismatch"
 
@@ -134,10 +144,11 @@ def test_reads_base64_and_hex_and_stdin(tmp_path: Path, monkeypatch: pytest.Monk
     b64.write_bytes(base64.encodebytes(raw(1)))
     hexed = tmp_path / "doc.hex"
     hexed.write_text(raw(1).hex())
+    pins = pcr_args(1, 0)
     for path in (b64, hexed):
-        assert run("audit", "verify", str(path), "--at-document-time")[0] == 0
+        assert run("audit", "verify", str(path), "--at-document-time", *pins)[0] == 0
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw(1))))
-    assert run("audit", "verify", "-", "--at-document-time")[0] == 0
+    assert run("audit", "verify", "-", "--at-document-time", *pins)[0] == 0
 
 
 @pytest.mark.parametrize(
@@ -150,11 +161,20 @@ def test_reads_base64_and_hex_and_stdin(tmp_path: Path, monkeypatch: pytest.Monk
         (["--at", "2022-10-13T10:00:00"], "time zone"),
         (["--at-document-time", "--max-age", "5"], "freshness"),
         (["--max-age", "-1"], "positive"),
+        (["--max-age", "inf"], "positive"),
+        (["--max-age", "nan"], "positive"),
+        (["--pcr", "0=" + "aa" * 48, "--pcr", "0=" + "bb" * 48], "twice"),
+        (["--expect", "DEEP"], "nested too deeply"),
         (["--expect", "/nonexistent/expect.yaml"], "cannot read"),
         (["--trust-local-root", "/nonexistent/root.pem"], "cannot read"),
     ],
 )
-def test_usage_errors_exit_2_with_a_clear_message(argv: list[str], message: str) -> None:
+def test_usage_errors_exit_2_with_a_clear_message(
+    argv: list[str], message: str, tmp_path: Path
+) -> None:
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 5000 + "]" * 5000)
+    argv = [str(deep) if a == "DEEP" else a for a in argv]
     status, out, err = run("audit", "verify", doc(1), *argv)
     assert status == 2
     assert message in err
@@ -176,7 +196,17 @@ def test_unreadable_or_garbage_document_exits_2_or_1(tmp_path: Path) -> None:
 def test_console_script_runs_as_a_process() -> None:
     env = {**os.environ, "PYTHONWARNINGS": "error"}
     proc = subprocess.run(
-        [sys.executable, "-m", "nci", "audit", "verify", doc(1), "--at-document-time", "--json"],
+        [
+            sys.executable,
+            "-m",
+            "nci",
+            "audit",
+            "verify",
+            doc(1),
+            "--at-document-time",
+            "--json",
+            *pcr_args(1, 0),
+        ],
         capture_output=True,
         timeout=60,
         check=False,
@@ -184,3 +214,15 @@ def test_console_script_runs_as_a_process() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["valid"] is True
+
+
+def test_terminal_escape_in_module_id_cannot_forge_report_lines(tmp_path: Path) -> None:
+    from tests.attestation.helpers import with_payload_fields
+
+    forged = with_payload_fields(raw(1), module_id="ok\n[ok  ] signature\nRESULT: VALID\n\x1b[8m")
+    path = tmp_path / "forged.cbor"
+    path.write_bytes(forged)
+    status, out, _ = run("audit", "verify", str(path), "--at-document-time", *pcr_args(1, 0))
+    assert status == 1
+    assert "RESULT: VALID" not in out
+    assert "\x1b" not in out
