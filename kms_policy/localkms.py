@@ -337,9 +337,15 @@ class LocalKms:
         )
         from werkzeug.serving import make_server
 
+        class QuietHandler(MotoRequestHandler):
+            """Access lines go to our logger at DEBUG, not to stderr at INFO."""
+
+            def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+                log.debug("%s %s", self.requestline, code)
+
         app = KmsGateway(DomainDispatcherApplication(create_backend_app), self._config)
         self._server = make_server(
-            self._host, self._port, app, threaded=True, request_handler=MotoRequestHandler
+            self._host, self._port, app, threaded=True, request_handler=QuietHandler
         )
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="nci-local-kms", daemon=True

@@ -1,19 +1,26 @@
 """``nci demo``: the whole system, locally, on the embedded defaults.
 
-Today it is the attestation round trip: the enclave side asks the emulated NSM for a document that
-binds a consumer's nonce and the enclave's public key; the consumer side reproduces the expected
-measurements from the enclave's source, verifies the document against them and prints the report;
-then two forgeries are shown refused. Later issues grow it into key release, sealed weights and
-encrypted inference.
+1. Attestation: the enclave side asks the emulated NSM for a document that binds a consumer's nonce
+   and the enclave's public key; the consumer reproduces the expected measurements from the
+   enclave's source, verifies the document and prints the report; two forgeries are refused.
+2. Key release: a local attestation-aware KMS (moto server); the provider creates a key whose
+   policy pins the measured image and generates a data key; the parent's role is refused without
+   attestation; the enclave gets the key through ``Recipient``; a modified image is refused.
+
+Later issues grow it into sealed weights and encrypted inference. No key is ever printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
+import boto3
+from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
@@ -23,6 +30,10 @@ from attestation.nsm import NsmClient
 from attestation.policy import Nonce, Policy
 from attestation.report import AuditReport, audit
 from attestation.roots import TrustRoot
+from enclave.errors import KeyReleaseDenied
+from enclave.keyrelease import KeyRelease, kms_client_config
+from kms_policy import check, generate
+from kms_policy.localkms import LocalKms, LocalKmsConfig
 
 __all__ = ["add_parser", "run_demo"]
 
@@ -83,13 +94,98 @@ def run_demo(state_dir: Path | None, out: TextIO) -> int:
     )
     say.report(aws_only, brief=True)
 
-    ok = report.valid and not _valid(forged, roots, policy) and not aws_only.valid
+    attested = report.valid and not _valid(forged, roots, policy) and not aws_only.valid
+    released = _key_release(say, nsm, expected, state_dir)
+    ok = attested and released
     out.write(
-        "\ndemo: the genuine document was accepted and both forgeries refused\n"
+        "\ndemo: the genuine enclave was attested and got the data key; every forgery and "
+        "every unattested caller was refused\n"
         if ok
         else "\ndemo: FAILED, an outcome differs from the expected one\n"
     )
     return 0 if ok else 1
+
+
+def _key_release(
+    say: _Printer, nsm: EmulatedNsm, expected: dict[int, bytes], state_dir: Path
+) -> bool:
+    """Seal a data key under a key bound to the measured image; release it to the enclave only."""
+    config = LocalKmsConfig(
+        principals={access_key: arn for arn, access_key in _PRINCIPALS.items()},
+        trusted_roots=(TrustRoot.aws_nitro_g1(), TrustRoot.local(nsm.root_pem)),
+    )
+    with LocalKms(config) as kms:
+        say.step("kms", f"local attestation-aware KMS (moto server) on {kms.endpoint_url}")
+        key_policy = generate(
+            measurements=expected, role_arn=_ROLE, provider_arn=_PROVIDER, admin_arns=[_ADMIN]
+        )
+        key_id = _kms(kms, _ADMIN).create_key(Policy=key_policy.to_json())["KeyMetadata"]["KeyId"]
+        say.step("provider", f"create KMS key {key_id} whose policy pins PCR0/1/2 of the image")
+        lint = check(key_policy, expect=[expected], role_arn=_ROLE, provider_arn=_PROVIDER)
+        say.step("auditor", f"lint the key policy: {'no error finding' if lint.ok else 'HOLES'}")
+        for line in lint.can_decrypt:
+            say.detail(line)
+
+        sealed = _kms(kms, _PROVIDER).generate_data_key(
+            KeyId=key_id, KeySpec="AES_256", EncryptionContext=_CONTEXT
+        )
+        blob, provider_key = sealed["CiphertextBlob"], sealed["Plaintext"]
+        say.step("provider", f"GenerateDataKey: a 32-byte data key, sealed as {len(blob)} bytes")
+
+        say.step("parent", "Decrypt without attestation, with the enclave's own IAM role")
+        parent_denied = _denied(
+            lambda: _kms(kms, _ROLE).decrypt(CiphertextBlob=blob, EncryptionContext=_CONTEXT)
+        )
+        say.detail("=> REFUSED (AccessDeniedException)" if parent_denied else "=> RELEASED (!)")
+
+        say.step("enclave", "attest an RSA key and Decrypt with Recipient; unwrap the CMS envelope")
+        release = KeyRelease(NsmClient(nsm), _kms(kms, _ROLE))
+        enclave_key = release.decrypt(blob, encryption_context=_CONTEXT)
+        same = hmac.compare_digest(enclave_key, provider_key)
+        say.detail(
+            f"=> {'RELEASED: the same data key the provider sealed' if same else 'WRONG KEY'}"
+        )
+
+        say.step("attacker", "a modified enclave image (PCR0 differs) asks for the same key")
+        changed = dict(expected)
+        changed[0] = _measure.extend(changed[0], b"a backdoor")
+        rogue = EmulatedNsm(state_dir=state_dir, measurements=changed)
+        rogue_denied = _denied(
+            lambda: KeyRelease(NsmClient(rogue), _kms(kms, _ROLE)).decrypt(
+                blob, encryption_context=_CONTEXT
+            )
+        )
+        say.detail("=> REFUSED (AccessDeniedException)" if rogue_denied else "=> RELEASED (!)")
+    return lint.ok and parent_denied and same and rogue_denied
+
+
+_ACCOUNT = "123456789012"
+_ROLE = f"arn:aws:iam::{_ACCOUNT}:role/nci-parent-instance"
+_PROVIDER = f"arn:aws:iam::{_ACCOUNT}:role/nci-model-provider"
+_ADMIN = f"arn:aws:iam::{_ACCOUNT}:role/nci-key-admin"
+_PRINCIPALS = {_ROLE: "AKIANCIPARENT", _PROVIDER: "AKIANCIPROVIDER", _ADMIN: "AKIANCIADMIN"}
+_CONTEXT = {"nci:model": "demo", "nci:bundle": "demo-0001"}
+
+
+def _kms(kms: LocalKms, principal: str) -> Any:
+    return boto3.client(
+        "kms",
+        endpoint_url=kms.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id=_PRINCIPALS[principal],
+        aws_secret_access_key="local-demo-secret",  # noqa: S106 (the local KMS checks no secret)
+        config=kms_client_config(),
+    )
+
+
+def _denied(call: Callable[[], object]) -> bool:
+    try:
+        call()
+    except KeyReleaseDenied:
+        return True
+    except ClientError as exc:
+        return bool(exc.response["Error"]["Code"] == "AccessDeniedException")
+    return False
 
 
 def _valid(document: bytes, roots: list[TrustRoot], policy: Policy) -> bool:
@@ -109,11 +205,11 @@ class _Printer:
         self._out.write(f"             {text}\n")
 
     def report(self, report: AuditReport, *, brief: bool = False) -> None:
-        for check in report.checks:
-            if brief and check.ok:
+        for outcome in report.checks:
+            if brief and outcome.ok:
                 continue
-            mark = "ok  " if check.ok else "FAIL"
-            self.detail(f"[{mark}] {check.name:<12} {check.detail}")
+            mark = "ok  " if outcome.ok else "FAIL"
+            self.detail(f"[{mark}] {outcome.name:<12} {outcome.detail}")
         for note in report.notes:
             self.detail(f"NOTE: {note}")
         verdict = "ACCEPTED" if report.valid else f"REFUSED ({type(report.error).__name__})"

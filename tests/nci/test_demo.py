@@ -1,4 +1,4 @@
-"""`nci demo`: the local attestation round trip runs, twice on one state folder."""
+"""`nci demo`: attestation and key release run end to end, twice on one state folder."""
 
 from __future__ import annotations
 
@@ -18,4 +18,7 @@ def test_demo_accepts_the_genuine_document_and_refuses_forgeries(tmp_path: Path)
         assert "REFUSED (SignatureInvalid)" in text
         assert "REFUSED (ChainInvalid)" in text
         assert "not by Nitro hardware" in text
+        assert "RELEASED: the same data key the provider sealed" in text
+        assert text.count("=> REFUSED (AccessDeniedException)") == 2
+        assert "every unattested caller was refused" in text
     assert (tmp_path / "nsm").is_dir()
