@@ -5,6 +5,8 @@ One base class, split by who is at fault::
     KmsPolicyError
     ├── PolicyParseError   bad or hostile input: not a key policy document as the IAM grammar
     │                      and KMS allow it (names the statement, by Sid or index, and the rule)
+    ├── RecipientError     a Recipient's attested public key is not one KMS would encrypt to
+    │                      (defined in kms_policy.recipient)
     └── ConfigError        our own inputs are wrong: generator measurements, ARNs, request context
 
 Messages name the element and the rule ("Statement[2] (Sid 'Admins'): exactly one of Principal and

@@ -42,6 +42,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.padding import MGF1, OAEP
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from kms_policy.errors import KmsPolicyError
+
 __all__ = [
     "CEK_SIZE",
     "CONTENT_CHUNK_SIZE",
@@ -64,7 +66,7 @@ CONTENT_CHUNK_SIZE: Final = 32
 it."""
 
 
-class RecipientError(Exception):
+class RecipientError(KmsPolicyError):
     """The ``Recipient`` cannot be served: its public key is not an RSA key KMS would accept.
 
     The message names the rule (key type, modulus size); it never carries the plaintext.
