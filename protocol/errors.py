@@ -3,7 +3,7 @@
 One base class, split by who is at fault::
 
     ProtocolError
-    ├── MalformedBundle        bad or hostile input: a manifest or bundle layout that breaks the format
+    ├── MalformedBundle        bad or hostile input: a manifest or layout that breaks the format
     ├── BundleIntegrityError   authentication failed: a chunk or the manifest was altered, swapped,
     │                          reordered, truncated or extended, or the key is wrong
     ├── FrameError             bad or hostile input on the enclave transport: a frame that breaks
