@@ -60,6 +60,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+_UNDECRYPTABLE = "the envelope does not decrypt under this enclave's key"
 
 KEY_ENCRYPTION_ALGORITHM: Final = "RSAES_OAEP_SHA_256"
 """The ``Recipient.KeyEncryptionAlgorithm`` KMS supports (the only one)."""
@@ -283,31 +284,23 @@ def unwrap_ciphertext_for_recipient(blob: bytes, private_key: rsa.RSAPrivateKey)
             f"CiphertextForRecipient is not a well-formed BER CMS ContentInfo "
             f"({type(exc).__name__}: {_describe(str(exc))})"
         ) from None
-    # (8) RSAES-OAEP decryption of the content-encryption key (RFC 4055 §4). One message for
-    # every failure and no chained cause: the error must not tell a padding failure from another.
+    # (8) RSAES-OAEP decryption of the content-encryption key (RFC 4055 §4), (9) AES-256-CBC and
+    # PKCS#7 unpadding (RFC 5652 §6.3, RFC 3565 §4.1). Every failure from here on raises the one
+    # same message with no chained cause: an OAEP failure, a CEK of the wrong size and bad padding
+    # must be indistinguishable, or the error would be a padding oracle on the data key.
     try:
         cek = private_key.decrypt(
             envelope.encrypted_key,
             OAEP(mgf=MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None),
         )
-    except ValueError:
-        raise MalformedEnvelope(
-            "KeyTransRecipientInfo encryptedKey does not decrypt under this enclave's key"
-        ) from None
-    if len(cek) != _CEK_SIZE:
-        raise MalformedEnvelope(
-            f"the content-encryption key is {len(cek)} bytes; AES-256 needs {_CEK_SIZE}"
-        )
-    # (9) AES-256-CBC decryption and PKCS#7 unpadding (RFC 5652 §6.3, RFC 3565 §4.1).
-    decryptor = Cipher(algorithms.AES(cek), modes.CBC(envelope.iv)).decryptor()
-    padded = decryptor.update(envelope.ciphertext) + decryptor.finalize()
-    unpadder = padding.PKCS7(algorithms.AES.block_size).unpadder()
-    try:
+        if len(cek) != _CEK_SIZE:
+            raise ValueError("content-encryption key size")
+        decryptor = Cipher(algorithms.AES(cek), modes.CBC(envelope.iv)).decryptor()
+        padded = decryptor.update(envelope.ciphertext) + decryptor.finalize()
+        unpadder = padding.PKCS7(algorithms.AES.block_size).unpadder()
         plaintext = unpadder.update(padded) + unpadder.finalize()
     except ValueError:
-        raise MalformedEnvelope(
-            "encryptedContent has invalid PKCS#7 padding after decryption (RFC 5652 §6.3)"
-        ) from None
+        raise MalformedEnvelope(_UNDECRYPTABLE) from None
     _log.debug(
         "unwrapped CiphertextForRecipient: %d-byte envelope, %d-byte plaintext",
         len(blob),

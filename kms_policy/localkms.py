@@ -29,18 +29,21 @@ import logging
 import re
 import struct
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
+from moto.core.exceptions import JsonRESTError
 
 from attestation.errors import AttestationError
 from attestation.roots import TrustRoot
 from attestation.verify import authenticate
-from kms_policy.errors import ConfigError
+from kms_policy.errors import ConfigError, KmsPolicyError
 from kms_policy.evaluate import KmsRequest, evaluate, request_context
 from kms_policy.model import KeyPolicy
 from kms_policy.recipient import RecipientError, envelope_for_recipient, recipient_public_key
@@ -51,19 +54,21 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_BODY = 1024 * 1024
 ATTESTATION_MAX_AGE = timedelta(minutes=5)
-_CREDENTIAL = re.compile(
-    r"Credential=([A-Za-z0-9]{1,128})/\d{8}/([a-z0-9-]{1,32})/kms/aws4_request"
+_SCOPE = re.compile(
+    r"(?P<akid>[A-Z0-9]{4,128})/(?P<date>\d{8})/(?P<region>[a-z]{2}(?:-[a-z]+)+-\d{1,2})"
+    r"/(?P<service>[a-z0-9-]{1,32})/aws4_request"
 )
+_AUTHORIZATION = re.compile(
+    r"AWS4-HMAC-SHA256 Credential=" + _SCOPE.pattern + r", ?SignedHeaders=[a-z0-9;-]{1,1024}"
+    r", ?Signature=[0-9a-f]{64}"
+)
+_TARGET = re.compile(r"TrentService\.([A-Za-z]{1,64})")
+_KEY_FIELDS = ("KeyId", "TargetKeyId", "DestinationKeyId", "SourceKeyId", "AliasName")
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 _RECIPIENT_ACTIONS = {"Decrypt", "GenerateDataKey", "GenerateRandom"}
-# Calls without a key: governed by IAM policies only, which this local KMS does not model.
-_KEYLESS_ACTIONS = {
-    "CreateKey",
-    "ListKeys",
-    "ListAliases",
-    "GenerateRandom",
-    "ConnectCustomKeyStore",
-}
+# Calls without a key: governed by IAM policies only, which this local KMS does not model. Every
+# other operation must name a key whose policy is checked, or it is refused.
+_KEYLESS_ACTIONS = {"CreateKey", "ListKeys", "ListAliases", "GenerateRandom", "ListRetirableGrants"}
 
 
 @dataclass(frozen=True)
@@ -129,44 +134,83 @@ class _Call:
     action: str
     body: dict[str, Any]
     principal: str
+    access_key: str
     account: str
     region: str
 
 
 class KmsGateway:
-    """WSGI middleware in front of moto's server application (see the module docstring)."""
+    """WSGI application in front of moto's KMS and S3 backends (see the module docstring).
 
-    def __init__(self, app: Callable[..., Iterable[bytes]], config: LocalKmsConfig) -> None:
-        self._app = app
+    Routing is an allow-list: a request reaches moto only as a well-formed KMS call that passed the
+    checks below, or as a signed S3 request. Everything else (moto's ``/moto-api`` admin routes,
+    unsigned requests, other services, malformed targets) is refused, so that no header trick can
+    make moto act on another account, region or key than the one the policy was evaluated for.
+    """
+
+    def __init__(
+        self,
+        kms_app: Callable[..., Iterable[bytes]],
+        s3_app: Callable[..., Iterable[bytes]],
+        config: LocalKmsConfig,
+    ) -> None:
+        self._kms_app = kms_app
+        self._s3_app = s3_app
         self._config = config
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        target = environ.get("HTTP_X_AMZ_TARGET", "")
-        if not target.startswith("TrentService."):
-            return self._app(environ, start_response)
+        for name in [k for k in environ if k.startswith("HTTP_X_MOTO_")]:
+            del environ[name]  # moto's own account/region overrides are not for callers
+        scope = _credential(environ)
+        target = environ.get("HTTP_X_AMZ_TARGET")
+        if environ.get("PATH_INFO", "").startswith("/moto-api"):
+            return _error(start_response, KmsError("AccessDeniedException", "not available"), 403)
+        if target is not None or (scope is not None and scope.service == "kms"):
+            return self._kms(environ, start_response)
+        if scope is not None and scope.service == "s3":
+            return self._s3_app(environ, start_response)
+        return _error(
+            start_response,
+            KmsError("AccessDeniedException", "only signed KMS and S3 requests are served"),
+            403,
+        )
+
+    def _kms(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         try:
-            call = self._read_call(environ, target)
+            call = self._read_call(environ)
             recipient = self._authorize(call)
         except KmsError as exc:
             return _error(start_response, exc)
+        except (KmsPolicyError, RecursionError, ValueError, TypeError) as exc:
+            return _error(start_response, KmsError("ValidationException", _short(exc)))
         forwarded = dict(call.body)
         forwarded.pop("Recipient", None)
+        _canonical_headers(environ, call, forwarded)
         if recipient is None:
-            return self._forward(environ, start_response, forwarded)
-        status, headers, payload = self._call_moto(environ, forwarded)
+            return self._kms_app(environ, start_response)
+        status, headers, payload = self._call_moto(environ)
         if not status.startswith("200"):
             start_response(status, headers)
             return [payload]
         try:
             answer = self._for_recipient(json.loads(payload), recipient)
-        except (ValueError, RecipientError) as exc:
-            return _error(start_response, KmsError("KMSInternalException", str(exc)))
+        except (ValueError, KeyError, RecipientError) as exc:
+            return _error(start_response, KmsError("KMSInternalException", _short(exc)))
         return _json(start_response, "200 OK", answer)
 
     # (1) the caller and the request ------------------------------------------------------------
 
-    def _read_call(self, environ: dict[str, Any], target: str) -> _Call:
-        action = target.split(".", 1)[1]
+    def _read_call(self, environ: dict[str, Any]) -> _Call:
+        if environ.get("REQUEST_METHOD") != "POST" or environ.get("PATH_INFO", "/") != "/":
+            raise KmsError("UnknownOperationException", "KMS calls are POST /")
+        match = _TARGET.fullmatch(environ.get("HTTP_X_AMZ_TARGET", ""))
+        if match is None or match.group(1) not in _kms_operations():
+            raise KmsError("UnknownOperationException", "X-Amz-Target is not a KMS operation")
+        scope = _credential(environ)
+        if scope is None or scope.service != "kms":
+            raise KmsError(
+                "MissingAuthenticationTokenException", "request is not signed (SigV4) for kms"
+            )
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
@@ -174,55 +218,50 @@ class KmsGateway:
         if not 0 <= length <= MAX_REQUEST_BODY:
             raise KmsError("ValidationException", f"request body exceeds {MAX_REQUEST_BODY} bytes")
         raw = environ["wsgi.input"].read(length)
-        environ["wsgi.input"] = io.BytesIO(raw)
         try:
             body = json.loads(raw or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             raise KmsError("SerializationException", "request body is not JSON") from None
         if not isinstance(body, dict):
             raise KmsError("SerializationException", "request body is not a JSON object")
-        match = _CREDENTIAL.search(environ.get("HTTP_AUTHORIZATION", ""))
-        if match is None:
-            raise KmsError("MissingAuthenticationTokenException", "request is not signed (SigV4)")
-        access_key, region = match.groups()
-        principal = self._config.principals.get(access_key)
+        principal = self._config.principals.get(scope.access_key)
         if principal is None:
             raise KmsError(
                 "UnrecognizedClientException",
                 "The security token included in the request is invalid.",
             )
-        return _Call(action, body, principal, _moto_account(access_key), region)
+        account = _moto_account(scope.access_key)
+        return _Call(match.group(1), body, principal, scope.access_key, account, scope.region)
 
     # (2) attestation and (3) the key policy ----------------------------------------------------
 
     def _authorize(self, call: _Call) -> bytes | None:
         """Evaluate the key policy; return the attested RSA key (DER SPKI) if a Recipient is set."""
         attested_pcrs, spki = self._recipient(call)
-        key_arns = self._key_arns(call)
-        if call.action in _KEYLESS_ACTIONS and not key_arns:
-            return spki
+        if call.action in {"CreateKey", "PutKeyPolicy"} and "Policy" in call.body:
+            _check_policy_document(call.body["Policy"])
+        targets = self._targets(call)
+        if not targets and call.action not in _KEYLESS_ACTIONS:
+            raise KmsError(
+                "ValidationException", f"{call.action} names no key this local KMS can check"
+            )
         context = request_context(
             call.principal,
             encryption_context=_encryption_context(call.body),
             attestation_pcrs=attested_pcrs,
         )
-        for key_arn in key_arns:
+        for key_arn, action in targets:
             decision = evaluate(
                 _key_policy(key_arn),
                 KmsRequest(
-                    principal=call.principal,
-                    action=f"kms:{call.action}",
-                    resource=key_arn,
-                    context=context,
+                    principal=call.principal, action=action, resource=key_arn, context=context
                 ),
             )
-            log.info(
-                "kms:%s by %s on %s: %s", call.action, call.principal, key_arn, decision.reason
-            )
+            log.info("%s by %s on %s: %s", action, call.principal, key_arn, decision.reason)
             if not decision.allowed:
                 raise KmsError(
                     "AccessDeniedException",
-                    f"User: {call.principal} is not authorized to perform: kms:{call.action} "
+                    f"User: {call.principal} is not authorized to perform: {action} "
                     f"on resource: {key_arn} because {decision.reason}",
                 )
         return spki
@@ -266,22 +305,37 @@ class KmsGateway:
             raise KmsError("ValidationException", f"attestation public_key: {exc}") from None
         return authentic.document.pcrs, spki
 
-    def _key_arns(self, call: _Call) -> list[str]:
-        backend = _backend(call.account, call.region)
-        ids: list[str] = []
+    def _targets(self, call: _Call) -> list[tuple[str, str]]:
+        """Every (key ARN, IAM action) pair the call touches; KMS checks each one."""
+        body, backend = call.body, _backend(call.account, call.region)
+        for name in _KEY_FIELDS:
+            if name in body and (
+                not isinstance(body[name], str) or not 0 < len(body[name]) <= 2048
+            ):
+                raise KmsError("ValidationException", f"{name} must be a non-empty string")
+        action = f"kms:{call.action}"
+        targets: list[tuple[str, str]] = []
+        if call.action in {"Decrypt", "ReEncrypt"}:
+            # the key inside the blob, always, whatever KeyId / SourceKeyId also say
+            source = "kms:ReEncryptFrom" if call.action == "ReEncrypt" else action
+            blob_key = _key_id_from_blob(body.get("CiphertextBlob"))
+            targets.append((_resolve(backend, blob_key), source))
+            for name in ("KeyId", "SourceKeyId"):
+                if name in body:
+                    targets.append((_resolve(backend, body[name]), source))
+            if call.action == "ReEncrypt":
+                if "DestinationKeyId" not in body:
+                    raise KmsError("ValidationException", "DestinationKeyId is required")
+                targets.append((_resolve(backend, body["DestinationKeyId"]), "kms:ReEncryptTo"))
+            return targets
+        if call.action in {"CreateAlias", "UpdateAlias", "DeleteAlias"}:
+            alias = body.get("AliasName")
+            if isinstance(alias, str) and backend.alias_exists(alias):
+                targets.append((_resolve(backend, alias), action))  # the alias's current key
         for name in ("KeyId", "TargetKeyId", "DestinationKeyId"):
-            value = call.body.get(name)
-            if isinstance(value, str) and value:
-                ids.append(value)
-        if call.action in {"Decrypt", "ReEncrypt"} and "KeyId" not in call.body:
-            ids.append(_key_id_from_blob(call.body.get("CiphertextBlob")))
-        arns: list[str] = []
-        for key_id in ids:
-            try:
-                arns.append(backend.describe_key(backend.any_id_to_key_id(key_id)).arn)
-            except Exception:  # noqa: BLE001 (moto raises its own NotFound types; KMS answers so)
-                raise KmsError("NotFoundException", f"Key '{key_id}' does not exist") from None
-        return arns
+            if name in body:
+                targets.append((_resolve(backend, body[name]), action))
+        return targets
 
     # (4) the answer for a Recipient ------------------------------------------------------------
 
@@ -292,23 +346,14 @@ class KmsGateway:
         answer["CiphertextForRecipient"] = base64.b64encode(envelope).decode("ascii")
         return answer
 
-    def _forward(
-        self, environ: dict[str, Any], start_response: Callable[..., Any], body: dict[str, Any]
-    ) -> Iterable[bytes]:
-        _replace_body(environ, body)
-        return self._app(environ, start_response)
-
-    def _call_moto(
-        self, environ: dict[str, Any], body: dict[str, Any]
-    ) -> tuple[str, list[tuple[str, str]], bytes]:
-        _replace_body(environ, body)
+    def _call_moto(self, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
         captured: dict[str, Any] = {}
 
         def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             captured["status"], captured["headers"] = status, headers
             return lambda data: None
 
-        payload = b"".join(self._app(environ, capture))
+        payload = b"".join(self._kms_app(environ, capture))
         headers = [(k, v) for k, v in captured["headers"] if k.lower() != "content-length"]
         headers.append(("Content-Length", str(len(payload))))
         return captured["status"], headers, payload
@@ -330,11 +375,7 @@ class LocalKms:
         self._thread: threading.Thread | None = None
 
     def start(self) -> LocalKms:
-        from moto.moto_server.werkzeug_app import (
-            DomainDispatcherApplication,
-            MotoRequestHandler,
-            create_backend_app,
-        )
+        from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
         from werkzeug.serving import make_server
 
         class QuietHandler(MotoRequestHandler):
@@ -343,7 +384,7 @@ class LocalKms:
             def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
                 log.debug("%s %s", self.requestline, code)
 
-        app = KmsGateway(DomainDispatcherApplication(create_backend_app), self._config)
+        app = KmsGateway(create_backend_app("kms"), create_backend_app("s3"), self._config)
         self._server = make_server(
             self._host, self._port, app, threaded=True, request_handler=QuietHandler
         )
@@ -406,7 +447,12 @@ def _key_policy(key_arn: str) -> KeyPolicy:
     parts = key_arn.split(":")
     backend = _backend(parts[4], parts[3])
     text = backend.get_key_policy(key_arn.split("/")[-1])
-    return KeyPolicy.from_json(text)
+    try:
+        return KeyPolicy.from_json(text)
+    except KmsPolicyError:  # fail closed: a key whose policy we cannot read serves no one
+        raise KmsError(
+            "AccessDeniedException", f"the key policy of {key_arn} is unreadable"
+        ) from None
 
 
 def _key_id_from_blob(blob: object) -> str:
@@ -430,10 +476,69 @@ def _encryption_context(body: Mapping[str, Any]) -> dict[str, str] | None:
     return dict(context)
 
 
-def _replace_body(environ: dict[str, Any], body: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class _Scope:
+    access_key: str
+    date: str
+    region: str
+    service: str
+
+
+def _credential(environ: Mapping[str, Any]) -> _Scope | None:
+    """The SigV4 credential scope of the Authorization header, or of a presigned URL's query."""
+    match = _AUTHORIZATION.fullmatch(environ.get("HTTP_AUTHORIZATION", ""))
+    if match is None:
+        query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+        values = query.get("X-Amz-Credential", [])
+        match = _SCOPE.fullmatch(values[0]) if len(values) == 1 else None
+    if match is None:
+        return None
+    return _Scope(*match.group("akid", "date", "region", "service"))
+
+
+def _canonical_headers(environ: dict[str, Any], call: _Call, body: dict[str, Any]) -> None:
+    """Rewrite what moto reads (body, Authorization, User-Agent, Host) from the checked values.
+
+    moto takes the region from the Host, then the User-Agent, then the first Authorization field,
+    and the account from the access key: after this, it can only act where the policy was checked.
+    """
     data = json.dumps(body).encode()
     environ["wsgi.input"] = io.BytesIO(data)
     environ["CONTENT_LENGTH"] = str(len(data))
+    environ["HTTP_AUTHORIZATION"] = (
+        f"AWS4-HMAC-SHA256 Credential={call.access_key}/20200101/{call.region}/kms/aws4_request, "
+        "SignedHeaders=host, Signature=" + "0" * 64
+    )
+    environ["HTTP_USER_AGENT"] = "nci-local-kms"
+    environ["HTTP_HOST"] = "127.0.0.1"
+
+
+def _check_policy_document(policy: object) -> None:
+    if not isinstance(policy, str):
+        raise KmsError("MalformedPolicyDocumentException", "Policy must be a JSON string")
+    try:
+        KeyPolicy.from_json(policy)
+    except KmsPolicyError as exc:
+        raise KmsError("MalformedPolicyDocumentException", _short(exc)) from None
+
+
+def _resolve(backend: Any, key_id: str) -> str:
+    try:
+        return str(backend.describe_key(backend.any_id_to_key_id(key_id)).arn)
+    except (KeyError, AttributeError, TypeError, ValueError, JsonRESTError):
+        raise KmsError("NotFoundException", f"Key '{key_id}' does not exist") from None
+
+
+@cache
+def _kms_operations() -> frozenset[str]:
+    import botocore.session
+
+    return frozenset(botocore.session.get_session().get_service_model("kms").operation_names)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _json(start_response: Callable[..., Any], status: str, body: dict[str, Any]) -> list[bytes]:
@@ -445,8 +550,9 @@ def _json(start_response: Callable[..., Any], status: str, body: dict[str, Any])
     return [data]
 
 
-def _error(start_response: Callable[..., Any], error: KmsError) -> list[bytes]:
-    return _json(start_response, "400 Bad Request", {"__type": error.code, "message": str(error)})
+def _error(start_response: Callable[..., Any], error: KmsError, status: int = 400) -> list[bytes]:
+    reason = "400 Bad Request" if status == 400 else "403 Forbidden"
+    return _json(start_response, reason, {"__type": error.code, "message": str(error)})
 
 
 def principals_from(pairs: Sequence[str]) -> dict[str, str]:

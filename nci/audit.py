@@ -105,6 +105,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     source.add_argument("--key-id", metavar="ID", help="fetch the policy of this KMS key")
     p.add_argument("--expect", type=Path, metavar="FILE", help="expected PCR set(s)")
     p.add_argument("--role", metavar="ARN", help="the parent instance's role, for targeted rules")
+    p.add_argument(
+        "--provider", metavar="ARN", help="who seals (the one principal that may make data keys)"
+    )
     p.add_argument("--endpoint-url", help="KMS endpoint, with --key-id")
     p.add_argument("--region", help="AWS region, with --key-id (default: us-east-1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -146,7 +149,7 @@ def _policy_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         text = _policy_text(args)
         policy = KeyPolicy.from_json(text)
         expect = [s.values for s in load_expectations(args.expect)] if args.expect else None
-        report = check(policy, expect=expect, role_arn=args.role)
+        report = check(policy, expect=expect, role_arn=args.role, provider_arn=args.provider)
     except (UsageError, ConfigError, KmsPolicyError) as exc:
         print(f"nci audit policy: {exc}", file=err)
         return EXIT_USAGE
