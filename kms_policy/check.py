@@ -3,11 +3,36 @@
 :func:`check` never raises on a parsed policy: it returns a :class:`PolicyReport` listing every
 finding (python-tuf's pair of APIs: :func:`kms_policy.evaluate.evaluate` decides, this reports).
 Most rules are decided by *probing* the evaluator, which is the ground truth: representative
-callers (the parent's role, each principal the policy names, an arbitrary principal of each
-account it names, a principal of another account) send requests without attestation, and with
-attestation documents built from every measurement the policy or ``expect`` mentions plus
-"any other value" per PCR. The encryption context is the attacker's choice, so each probe also
-tries the values the policy pins. The lexical rules inspect the document itself.
+callers (the parent's role, each IAM role or user the policy names in a Principal or an
+``aws:PrincipalArn`` condition, an arbitrary role and user of each account it names, a role and
+user of another account) send requests without attestation, and with attestation documents built
+from every measurement the policy or ``expect`` mentions plus "any other value" per PCR. The
+made-up principals' names derive from a hash of the policy, so no statement can single them out.
+The lexical rules inspect the document itself.
+
+What the probes cannot know is what else the caller puts in a request, so they are evaluated
+against the *worst case* over everything the caller controls (``kms_policy._probe.attacker_view``):
+
+- Trusted condition keys are those KMS sets and the caller cannot choose: the attestation keys
+  (``kms:RecipientAttestation:*``, present only with an authenticated attestation document, and
+  enumerated by the probes: none, each named measurement, any other), and the caller's identity
+  (``aws:PrincipalArn``, ``kms:CallerAccount``, ``aws:PrincipalAccount``, which the probes supply
+  truthfully). Conditions on them keep their real evaluation, in Allows and in Denies.
+- Every other key is the caller's or the environment's: the encryption context and
+  ``kms:EncryptionContextKeys`` (any pairs the caller likes), ``aws:SecureTransport``,
+  ``aws:SourceIp``/``aws:SourceVpce`` (the parent sits in the VPC), ``kms:ViaService``,
+  ``kms:GrantIsForAWSResource``, ``aws:PrincipalType``, ``aws:PrincipalTag/*``, ``aws:userid``…
+- An Allow's conditions on such keys are taken as satisfied: the caller supplies whatever makes
+  them true (over-approximation: a contradictory condition is still taken as satisfiable, so a
+  finding may be a false alarm, never a miss).
+- A Deny with any condition on such a key is taken as possibly not applying, and left out: its
+  conditions are AND-ed, so making one false lifts it, and the linter does not count on the
+  caller failing to. What a Deny can be counted on for is what the caller cannot change: ``Null``
+  on ``kms:RecipientAttestation:ImageSha384`` (no attestation document, no key; KMS adds the key
+  only from an authenticated document), comparisons with the pinned measurements, conditions on
+  ``aws:PrincipalArn``/``kms:CallerAccount`` (KMS sets them from the caller's credentials), and
+  unconditional Denies. Those are exactly the Denies :func:`kms_policy.generate.generate` writes,
+  so its policy still passes clean.
 
 Rules (stable ids; severity in brackets):
 
@@ -15,13 +40,17 @@ Rules (stable ids; severity in brackets):
 - KP002 [error] kms:Decrypt is allowed to an attested enclave whatever its image (neither
   ImageSha384/PCR0 nor the signing certificate PCR8 is pinned).
 - KP003 [error] kms:GenerateDataKey* or kms:Encrypt is allowed to someone other than the provider
-  (a new data key or a chosen one lets that caller forge bundles the enclave would load).
+  (a new data key or a chosen one lets that caller forge bundles the enclave would load); without
+  ``provider_arn``, to each named principal when more than one principal can make data keys.
 - KP004 [error] ``…IfExists`` or ``ForAllValues:`` on an attestation key: true when the request
   carries no attestation at all (IAM "Condition operators", "Multivalued context keys").
 - KP005 [error] an Allow of a data-plane action to ``"*"``, an account principal or via
   NotPrincipal (KMS "Key policies": the account principal is every principal of the account).
 - KP006 [error] kms:CreateGrant or kms:PutKeyPolicy is allowed to the parent's role, an arbitrary
-  principal of an account or an outsider (a grant carries no attestation condition).
+  principal of an account or an outsider (a grant carries no attestation condition). Without
+  ``role_arn`` any principal might be the role: kms:CreateGrant to anyone is an error, and so is
+  kms:PutKeyPolicy to a principal that can also decrypt (PutKeyPolicy to other named principals
+  is administration).
 - KP007 [error] a value compared with an attestation key is not 96 hexadecimal characters.
 - KP008 [error] a value compared with an attestation key is all zero: a debug-mode enclave.
 - KP009 [error] the allowed measurements differ from ``expect`` (an image no expected set names
@@ -31,9 +60,10 @@ Rules (stable ids; severity in brackets):
 - KP011 [error] no explicit Deny of kms:Decrypt without attestation (``Null`` on ImageSha384).
 - KP012 [warning] a condition operator this evaluator does not know (evaluated fail-closed).
 - KP013 [warning] NotPrincipal (AWS advises against it; its Deny semantics are subtle).
-- KP014 [warning] kms:CreateGrant is allowed to a principal the policy names.
+- KP014 [warning] kms:CreateGrant is allowed to a principal the policy names, other than the
+  parent's role (``role_arn`` given; without it, KP006).
 - KP015 [info] GenerateDataKey without attestation is allowed to a named principal taken to be the
-  provider (pass ``provider_arn`` to make this exact).
+  provider, the only principal that can make data keys (pass ``provider_arn`` to make this exact).
 - KP016 [warning] a Resource other than ``"*"``, or NotResource (KMS: a key policy's Resource is
   ``"*"``, "this KMS key").
 - KP017 [warning] the measurement analysis was skipped: too many combinations.
@@ -42,7 +72,6 @@ Rules (stable ids; severity in brackets):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import math
 import re
@@ -51,17 +80,19 @@ from typing import Any, Literal, TypeAlias
 
 from attestation.document import PCR_INDEXES, PCR_LENGTH
 from attestation.policy import PcrSet
-from kms_policy.errors import ConfigError
-from kms_policy.evaluate import (
-    ATTESTATION_PREFIX,
-    IMAGE_SHA384,
-    Decision,
-    KmsRequest,
-    evaluate,
-    known_operator,
-    pcr_key,
-    request_context,
+from kms_policy._probe import (
+    OTHER,
+    Probe,
+    View,
+    allowed,
+    attacker_view,
+    attestation,
+    candidates,
+    decide,
+    probes,
 )
+from kms_policy.errors import ConfigError
+from kms_policy.evaluate import ATTESTATION_PREFIX, KmsRequest, evaluate, known_operator
 from kms_policy.generate import DATA_PLANE_ACTIONS
 from kms_policy.model import WILDCARD, KeyPolicy, Statement
 
@@ -90,12 +121,10 @@ RULES: dict[str, str] = {
 }
 
 _HEX96 = re.compile(r"[0-9a-fA-F]{96}")
-_PCR_KEY = re.compile(r"kms:recipientattestation:pcr(\d{1,2})")
 _ACCOUNT = re.compile(r"\d{12}")
 _MAX_COMBINATIONS = 4096
 _UNATTESTED_KEY_ACTIONS = ("kms:Decrypt", "kms:ReEncryptFrom", "kms:ReEncryptTo")
 _DATA_KEY_ACTIONS = tuple(a for a in DATA_PLANE_ACTIONS if a.startswith(("kms:Gen", "kms:Enc")))
-_OTHER = "other"  # a measurement named nowhere: "any other image"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,14 +176,6 @@ class PolicyReport:
         }
 
 
-@dataclasses.dataclass(frozen=True)
-class _Probe:
-    label: str
-    principal: str
-    principal_arn: str
-    kind: Literal["role", "provider", "named", "account", "outsider"]
-
-
 def check(
     policy: KeyPolicy,
     *,
@@ -173,11 +194,13 @@ def check(
     # (1) lexical rules on the document
     for index, statement in enumerate(policy.statements):
         findings += _lexical(statement, statement.label(index))
-    # (2) probes through the evaluator
-    probes = _probes(policy, role_arn, provider_arn)
-    contexts = _encryption_contexts(policy)
-    findings += _unattested(policy, probes, contexts, provider_arn)
-    can_decrypt, measurement_findings = _measurements(policy, probes, contexts, expected, role_arn)
+    # (2) probes through the evaluator, on the worst case over what the caller controls
+    view = attacker_view(policy)
+    callers = probes(policy, role_arn, provider_arn)
+    can_decrypt, measurement_findings, decrypters = _measurements(
+        policy, view, callers, expected, role_arn
+    )
+    findings += _unattested(view, callers, role_arn, provider_arn, decrypters)
     findings += measurement_findings
     return PolicyReport(tuple(_dedupe(findings)), tuple(can_decrypt))
 
@@ -250,159 +273,75 @@ def _covers(statement: Statement, action: str) -> bool:
 # --- (2) probes -------------------------------------------------------------------------------
 
 
-def _probes(policy: KeyPolicy, role_arn: str | None, provider_arn: str | None) -> list[_Probe]:
-    named: dict[str, None] = {}
-    accounts: dict[str, str] = {}  # account → partition
-    for arn in (role_arn, provider_arn):
-        if arn is not None:
-            _note_account(arn, accounts)
-    for statement in policy.statements:
-        for spec in (statement.principal, statement.not_principal):
-            if spec is None or spec == WILDCARD:
-                continue
-            for value in spec.get("AWS", ()):
-                _note_account(value, accounts)
-                parts = value.split(":", 5)
-                if (
-                    len(parts) == 6
-                    and parts[2] == "iam"
-                    and parts[5].startswith(("role/", "user/"))
-                ):
-                    named[value] = None
-    probes: list[_Probe] = []
-    for arn in ([role_arn] if role_arn else []) + [a for a in named if a != role_arn]:
-        kind: Literal["role", "provider", "named"] = (
-            "role" if arn == role_arn else "provider" if arn == provider_arn else "named"
-        )
-        probes.append(_Probe(_describe(arn, kind), _session_of(arn), arn, kind))
-    if provider_arn and provider_arn not in named and provider_arn != role_arn:
-        label = f"the provider {provider_arn}"
-        probes.append(_Probe(label, _session_of(provider_arn), provider_arn, "provider"))
-    for account, partition in sorted(accounts.items()):
-        role = f"arn:{partition}:iam::{account}:role/kp-probe-any-principal"
-        label = f"any IAM principal of account {account}"
-        probes.append(_Probe(label, _session_of(role), role, "account"))
-    numbers = (f"{n:012d}" for n in range(999_999_999_999, 0, -1))
-    outsider = next(a for a in numbers if a not in accounts)
-    role = f"arn:aws:iam::{outsider}:role/kp-probe-outsider"
-    probes.append(_Probe("a principal of another AWS account", _session_of(role), role, "outsider"))
-    return probes
-
-
-def _note_account(value: str, accounts: dict[str, str]) -> None:
-    if _ACCOUNT.fullmatch(value):
-        accounts.setdefault(value, "aws")
-        return
-    parts = value.split(":", 5)
-    if len(parts) == 6 and parts[0] == "arn" and _ACCOUNT.fullmatch(parts[4]):
-        accounts.setdefault(parts[4], parts[1])
-
-
-def _session_of(arn: str) -> str:
-    parts = arn.split(":", 5)
-    if parts[2] == "iam" and parts[5].startswith("role/"):
-        name = parts[5].rsplit("/", 1)[1]
-        return f"arn:{parts[1]}:sts::{parts[4]}:assumed-role/{name}/kp-probe-session"
-    return arn
-
-
-def _describe(arn: str, kind: str) -> str:
-    return {"role": "the parent's role", "provider": "the provider"}.get(kind, "") + (
-        f" {arn}" if kind in ("role", "provider") else arn
-    )
-
-
-def _encryption_contexts(policy: KeyPolicy) -> list[dict[str, str] | None]:
-    """No context, and one satisfying every literal pin in the policy: the caller picks it."""
-    pinned: dict[str, str] = {}
-    prefix = "kms:encryptioncontext:"
-    for statement in policy.statements:
-        for operator, keys in statement.condition.items():
-            if operator.removesuffix("IfExists") not in ("StringEquals", "StringEqualsIgnoreCase"):
-                continue
-            for key, values in keys.items():
-                if key.lower().startswith(prefix) and len(key) > len(prefix):
-                    pinned.setdefault(key[len(prefix) :], values[0])
-    return [None, pinned] if pinned else [None]
-
-
-def _decide(
-    policy: KeyPolicy,
-    probe: _Probe,
-    action: str,
-    contexts: list[dict[str, str] | None],
-    attestation: Mapping[str, str] | None = None,
-) -> Decision:
-    """The first allowing decision over the caller's choices of context, else the last one."""
-    decision = Decision(False, "not probed", None)
-    for encryption_context in contexts:
-        context: dict[str, str | Sequence[str]] = dict(
-            request_context(
-                probe.principal,
-                encryption_context=encryption_context,
-                principal_arn=probe.principal_arn,
-            )
-        )
-        context.update(attestation or {})
-        decision = evaluate(policy, KmsRequest(probe.principal, action, WILDCARD, context))
-        if decision.allowed:
-            return decision
-    return decision
-
-
 def _unattested(
-    policy: KeyPolicy,
-    probes: list[_Probe],
-    contexts: list[dict[str, str] | None],
+    view: View,
+    probes: list[Probe],
+    role_arn: str | None,
     provider_arn: str | None,
+    decrypters: set[str],
 ) -> Iterator[Finding]:
     # KP011: the parent's role (or, without one, every named or account principal) must meet an
-    # explicit Deny when it asks for kms:Decrypt without attestation, whatever context it picks
+    # explicit Deny when it asks for kms:Decrypt without attestation, whatever identity it uses
     kinds = ("role",) if any(p.kind == "role" for p in probes) else ("named", "provider", "account")
     undenied = [
         probe.label
         for probe in probes
         if probe.kind in kinds
-        and not all(
-            (d := _decide(policy, probe, "kms:Decrypt", [c])).statement is not None
+        and not (
+            (d := decide(view, probe, "kms:Decrypt", every=True)).statement is not None
             and not d.allowed
-            for c in contexts
         )
     ]
     if undenied:
         message = f"no statement explicitly denies kms:Decrypt without attestation to {undenied[0]}"
         more = f" (and {len(undenied) - 1} more)" if len(undenied) > 1 else ""
         yield Finding("KP011", "error", message + more, None)
+    makers = {p.label: a for p in probes if (a := allowed(view, p, _DATA_KEY_ACTIONS))}
     for probe in probes:
-        key_release = _allowed(policy, probe, _UNATTESTED_KEY_ACTIONS, contexts)
+        key_release = allowed(view, probe, _UNATTESTED_KEY_ACTIONS)
         if key_release:
             message = f"{_list(key_release)} allowed without attestation to {probe.label}"
             yield Finding("KP001", "error", message, next(iter(key_release.values())))
-        data_keys = _allowed(policy, probe, _DATA_KEY_ACTIONS, contexts)
-        if data_keys and probe.kind == "named" and provider_arn is None:
+        data_keys = makers.get(probe.label)
+        if data_keys and probe.kind == "named" and provider_arn is None and len(makers) == 1:
             message = f"{_list(data_keys)} allowed to {probe.label}: taken to be the provider"
             yield Finding("KP015", "info", message, next(iter(data_keys.values())))
+        elif data_keys and probe.kind == "named" and provider_arn is None:
+            message = (
+                f"{_list(data_keys)} allowed to {probe.label}, one of {len(makers)} principals "
+                "that can make data keys: at most one of them is the provider"
+            )
+            yield Finding("KP003", "error", message, next(iter(data_keys.values())))
         elif data_keys and probe.kind != "provider":
             message = f"{_list(data_keys)} allowed to {probe.label}, who is not the provider"
             yield Finding("KP003", "error", message, next(iter(data_keys.values())))
-        control = _allowed(policy, probe, ("kms:CreateGrant", "kms:PutKeyPolicy"), contexts)
-        if control and probe.kind in ("role", "account", "outsider"):
-            message = f"{_list(control)} allowed to {probe.label}"
-            yield Finding("KP006", "error", message, next(iter(control.values())))
-        elif "kms:CreateGrant" in control:
-            message = f"kms:CreateGrant is allowed to {probe.label}; a grant skips attestation"
-            yield Finding("KP014", "warning", message, control["kms:CreateGrant"])
+        yield from _control(view, probe, role_arn, decrypters)
 
 
-def _allowed(
-    policy: KeyPolicy,
-    probe: _Probe,
-    actions: Sequence[str],
-    contexts: list[dict[str, str] | None],
-) -> dict[str, str | None]:
-    """The actions ``probe`` may take without attestation → the statement that allows each."""
-    decisions = {action: _decide(policy, probe, action, contexts) for action in actions}
-    return {action: d.statement for action, d in decisions.items() if d.allowed}
+def _control(
+    view: View, probe: Probe, role_arn: str | None, decrypters: set[str]
+) -> Iterator[Finding]:
+    """KP006 and KP014: who may issue grants or rewrite the policy."""
+    control = allowed(view, probe, ("kms:CreateGrant", "kms:PutKeyPolicy"))
+    if control and probe.kind in ("role", "account", "outsider"):
+        message = f"{_list(control)} allowed to {probe.label}"
+        yield Finding("KP006", "error", message, next(iter(control.values())))
+        return
+    if "kms:CreateGrant" in control and role_arn is None:
+        message = (
+            f"kms:CreateGrant is allowed to {probe.label}, who may be the parent's role (pass "
+            "role_arn); a grant skips attestation"
+        )
+        yield Finding("KP006", "error", message, control["kms:CreateGrant"])
+    elif "kms:CreateGrant" in control:
+        message = f"kms:CreateGrant is allowed to {probe.label}; a grant skips attestation"
+        yield Finding("KP014", "warning", message, control["kms:CreateGrant"])
+    if "kms:PutKeyPolicy" in control and role_arn is None and probe.label in decrypters:
+        message = (
+            f"kms:PutKeyPolicy is allowed to {probe.label}, who also decrypts: presumably the "
+            "parent's role (pass role_arn)"
+        )
+        yield Finding("KP006", "error", message, control["kms:PutKeyPolicy"])
 
 
 def _list(actions: Mapping[str, object]) -> str:
@@ -415,53 +354,58 @@ def _list(actions: Mapping[str, object]) -> str:
 
 def _measurements(
     policy: KeyPolicy,
-    probes: list[_Probe],
-    contexts: list[dict[str, str] | None],
+    view: View,
+    probes: list[Probe],
     expected: list[dict[int, str]],
     role_arn: str | None,
-) -> tuple[list[str], list[Finding]]:
-    candidates = _candidates(policy, expected)
-    sizes = [len(values) for values in candidates.values()]
+) -> tuple[list[str], list[Finding], set[str]]:
+    """Who decrypts with which measurements: the can_decrypt lines, the findings, and the labels
+    of the probes that can decrypt at all."""
+    options = candidates(policy, expected)
+    sizes = [len(values) for values in options.values()]
     findings: list[Finding] = []
     can_decrypt: list[str] = []
+    decrypters: set[str] = set()
     if math.prod(sizes) > _MAX_COMBINATIONS:
         message = f"{math.prod(sizes)} measurement combinations; analysed unattested access only"
         findings.append(Finding("KP017", "warning", message, None))
         combinations: list[dict[int, str]] = []
     else:
-        indexes = sorted(candidates)
+        indexes = sorted(options)
         combinations = [
             dict(zip(indexes, values, strict=True))
-            for values in itertools.product(*(candidates[i] for i in indexes))
+            for values in itertools.product(*(options[i] for i in indexes))
         ]
     relevant: list[tuple[dict[int, str], str | None]] = []
     wide_open = False  # a relevant caller decrypts without attestation: KP001 says it all
     for probe in probes:
-        unattested = _decide(policy, probe, "kms:Decrypt", contexts)
+        unattested = decide(view, probe, "kms:Decrypt")
         if unattested.allowed:
             can_decrypt.append(f"{probe.label}: WITHOUT attestation ({unattested.statement})")
+            decrypters.add(probe.label)
             wide_open = wide_open or role_arn is None or probe.kind == "role"
             continue
-        allowed = []
+        allowed_with = []
         for combination in combinations:
-            decision = _decide(policy, probe, "kms:Decrypt", contexts, _context(combination))
+            decision = decide(view, probe, "kms:Decrypt", attestation(combination))
             if decision.allowed:
-                allowed.append((combination, decision.statement))
-        for combination, statement in allowed:
-            if all(combination.get(i, _OTHER) == _OTHER for i in (0, 8)):
+                allowed_with.append((combination, decision.statement))
+        for combination, statement in allowed_with:
+            if all(combination.get(i, OTHER) == OTHER for i in (0, 8)):
                 message = f"kms:Decrypt is allowed to {probe.label} for any enclave image"
                 findings.append(Finding("KP002", "error", message, statement))
-        if allowed:
-            shown = [_show(c) for c, _ in allowed[:4]]
-            more = f" (and {len(allowed) - 4} more)" if len(allowed) > 4 else ""
+        if allowed_with:
+            decrypters.add(probe.label)
+            shown = [_show(c) for c, _ in allowed_with[:4]]
+            more = f" (and {len(allowed_with) - 4} more)" if len(allowed_with) > 4 else ""
             can_decrypt.append(f"{probe.label}: with attestation of {'; or '.join(shown)}{more}")
         if role_arn is None or probe.kind == "role":
-            relevant += allowed
+            relevant += allowed_with
     if not can_decrypt:
         can_decrypt.append("nobody among the probed principals")
     if expected and combinations and not wide_open:
         findings += _compare(expected, relevant)
-    return can_decrypt, findings
+    return can_decrypt, findings, decrypters
 
 
 def _compare(
@@ -491,45 +435,9 @@ def _compare(
             yield Finding("KP009", "error", message, statement)
 
 
-def _candidates(policy: KeyPolicy, expected: list[dict[int, str]]) -> dict[int, list[str]]:
-    """Per PCR: every value the policy or ``expect`` names, then "any other value"."""
-    found: dict[int, set[str]] = {0: set()}
-    for statement in policy.statements:
-        for keys in statement.condition.values():
-            for key, values in keys.items():
-                index = _index_of(key)
-                if index is not None:
-                    found.setdefault(index, set()).update(
-                        v.lower() for v in values if _HEX96.fullmatch(v)
-                    )
-    for pcrs in expected:
-        for index, value in pcrs.items():
-            found.setdefault(index, set()).add(value)
-    return {i: [*sorted(values), _OTHER] for i, values in found.items()}
-
-
-def _index_of(key: str) -> int | None:
-    lowered = key.lower()
-    if lowered == IMAGE_SHA384.lower():
-        return 0
-    match = _PCR_KEY.fullmatch(lowered)
-    return int(match.group(1)) if match and int(match.group(1)) in PCR_INDEXES else None
-
-
-def _context(combination: Mapping[int, str]) -> dict[str, str]:
-    """The attestation keys KMS adds for a document with these PCRs ("other": a fresh value)."""
-    values = {
-        i: hashlib.sha384(f"kms-policy-probe-{i}".encode()).hexdigest() if v == _OTHER else v
-        for i, v in combination.items()
-    }
-    context = {IMAGE_SHA384: values[0]}
-    context.update({pcr_key(i): v for i, v in values.items()})
-    return context
-
-
 def _show(combination: Mapping[int, str]) -> str:
     return ", ".join(
-        f"PCR{i}={'any' if v == _OTHER else v[:16] + '…'}" for i, v in sorted(combination.items())
+        f"PCR{i}={'any' if v == OTHER else v[:16] + '…'}" for i, v in sorted(combination.items())
     )
 
 
