@@ -20,6 +20,8 @@ def client(service: str, *, endpoint_url: str | None, region: str | None) -> Any
         read_timeout=TIMEOUT_SECONDS,
         retries={"max_attempts": ATTEMPTS, "mode": "standard"},
     )
-    return boto3.client(
+    # a fresh session per client: boto3's default session keeps the first credentials it saw
+    session = boto3.session.Session()
+    return session.client(
         service, endpoint_url=endpoint_url, region_name=region or "us-east-1", config=config
     )

@@ -1,6 +1,10 @@
 """Runs on the untrusted parent: HTTP bridge, KMS relay, bundle streamer. Moves ciphertext only.
 
-This role is built by a later issue; the package exists so that the import rules hold from day one.
+Built so far: the sealed-bundle streamer (:class:`BundleStreamer`) and its sources
+(:class:`FolderSource`, :class:`S3Source`, both :class:`BundleSource`).
 """
 
-__all__: list[str] = []
+from parent.bundlesource import BundleSource, FolderSource, S3Source
+from parent.streamer import BundleStreamer
+
+__all__ = ["BundleSource", "BundleStreamer", "FolderSource", "S3Source"]
