@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from nci import audit, demo, kms, provider
+from nci import audit, demo, kms, parent, provider
 
 __all__ = ["main"]
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_parser(groups)
     demo.add_parser(groups)
     kms.add_parser(groups)
+    parent.add_parser(groups)
     provider.add_parser(groups)
     return parser
 
