@@ -6,20 +6,29 @@
 2. Key release: a local attestation-aware KMS (moto server); the provider creates a key whose
    policy pins the measured image and generates a data key; the parent's role is refused without
    attestation; the enclave gets the key through ``Recipient``; a modified image is refused.
+3. Sealed weights: the provider seals a model and publishes it to S3 (moto); the parent streams
+   the ciphertext to the enclave, which releases the key and decrypts into tensors; a bit flipped
+   by the parent is caught before any tensor is handed out.
 
-Later issues grow it into sealed weights and encrypted inference. No key is ever printed.
+Later issues grow it into encrypted inference. No key or plaintext is ever printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import hmac
-from collections.abc import Callable
+import json
+import shutil
+import threading
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
 import boto3
+import torch
 from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
@@ -32,8 +41,14 @@ from attestation.report import AuditReport, audit
 from attestation.roots import TrustRoot
 from enclave.errors import KeyReleaseDenied
 from enclave.keyrelease import KeyRelease, kms_client_config
+from enclave.unlock import Unlocker
 from kms_policy import check, generate
 from kms_policy.localkms import LocalKms, LocalKmsConfig
+from parent.bundlesource import FolderSource, S3Source
+from parent.streamer import BundleStreamer
+from protocol.errors import BundleIntegrityError
+from protocol.transport import parse_address
+from provider import publish, seal
 
 __all__ = ["add_parser", "run_demo"]
 
@@ -98,8 +113,8 @@ def run_demo(state_dir: Path | None, out: TextIO) -> int:
     released = _key_release(say, nsm, expected, state_dir)
     ok = attested and released
     out.write(
-        "\ndemo: the genuine enclave was attested and got the data key; every forgery and "
-        "every unattested caller was refused\n"
+        "\ndemo: the genuine enclave was attested, got the data key and unlocked the sealed "
+        "model; every forgery, tampering and unattested caller was refused\n"
         if ok
         else "\ndemo: FAILED, an outcome differs from the expected one\n"
     )
@@ -156,7 +171,145 @@ def _key_release(
             )
         )
         say.detail("=> REFUSED (AccessDeniedException)" if rogue_denied else "=> RELEASED (!)")
-    return lint.ok and parent_denied and same and rogue_denied
+        unlocked = _sealed_weights(say, kms, key_id, nsm, state_dir)
+    return lint.ok and parent_denied and same and rogue_denied and unlocked
+
+
+def _sealed_weights(
+    say: _Printer, kms: LocalKms, key_id: str, nsm: EmulatedNsm, state_dir: Path
+) -> bool:
+    """Seal a model, publish it to S3, stream it through the parent, unlock it in the enclave."""
+    work = state_dir / "demo"
+    shutil.rmtree(work, ignore_errors=True)
+    model_dir = _demo_model(work / "model")
+    say.step("provider", f"seal {model_dir.name}/ (safetensors + config) under a fresh data key")
+    manifest = seal(
+        model_dir,
+        kms_client=_kms(kms, _PROVIDER),
+        kms_key_id=key_id,
+        model_id=_MODEL_ID,
+        out=work / "bundle",
+        chunk_size=64 * 1024,
+    )
+    say.detail(
+        f"{len(manifest.tensors)} tensors, {manifest.plaintext_size} bytes in "
+        f"{manifest.chunk_count} AES-256-GCM chunks"
+    )
+    s3 = _aws(kms, "s3", _PROVIDER)
+    s3.create_bucket(Bucket=_BUCKET)
+    publish(work / "bundle", f"s3://{_BUCKET}/demo/v1", s3_client=s3)
+    say.step("provider", f"publish to s3://{_BUCKET}/demo/v1 (moto S3)")
+
+    address = parse_address(f"unix://{work}/parent.sock")
+    tampered = _tampered_copy(work / "bundle", work / "tampered")
+    sources = {
+        "demo": S3Source(_aws(kms, "s3", _ROLE), _BUCKET, "demo/v1"),
+        "tampered": FolderSource(tampered),
+    }
+    with _background(BundleStreamer(address, sources)):
+        say.step("parent", f"stream the sealed bundle from S3 to the enclave on {address}")
+        release = KeyRelease(NsmClient(nsm), _kms(kms, _ROLE))
+        unlocker = Unlocker(address, release, expected_model_id=_MODEL_ID, timeout=10)
+        model = unlocker.load("demo")
+        expected = _original_tensors(model_dir)
+        exact = all(
+            hmac.compare_digest(
+                model.tensors[name].reshape(-1).view(torch.uint8).numpy().tobytes(), data
+            )
+            for name, data in expected.items()
+        )
+        say.step("enclave", "release the data key (attested), decrypt chunk by chunk into tensors")
+        say.detail(
+            f"=> {'UNLOCKED' if exact else 'WRONG BYTES'}: {len(model.tensors)} tensors, "
+            f"identical to the provider's"
+        )
+        say.step("attacker", "the parent flips one bit of one sealed chunk")
+        try:
+            unlocker.load("tampered")
+            refused = False
+        except BundleIntegrityError as exc:
+            refused = True
+            say.detail(f"=> REFUSED (BundleIntegrityError: {exc}); no tensor was handed out")
+    return exact and refused
+
+
+_MODEL_ID = "nci-demo/tiny-vlm:1"
+_BUCKET = "nci-demo-models"
+
+
+def _aws(kms: LocalKms, service: str, principal: str) -> Any:
+    return boto3.session.Session().client(
+        service,
+        endpoint_url=kms.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id=_PRINCIPALS[principal],
+        aws_secret_access_key="local-demo-secret",  # noqa: S106 (the local KMS checks no secret)
+    )
+
+
+def _demo_model(folder: Path) -> Path:
+    """A small random model in safetensors, as a provider would have it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "vision.patch_embed.weight": torch.randn(64, 48, generator=generator),
+        "lm.embed.weight": torch.randn(256, 64, generator=generator).to(torch.bfloat16),
+        "lm.head.weight": torch.randn(256, 64, generator=generator),
+    }
+    header: dict[str, Any] = {}
+    offset, blobs = 0, []
+    for name, tensor in tensors.items():
+        data = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        dtype = {torch.float32: "F32", torch.bfloat16: "BF16"}[tensor.dtype]
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        offset += len(data)
+        blobs.append(data)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    (folder / "model.safetensors").write_bytes(
+        len(encoded).to_bytes(8, "little") + encoded + b"".join(blobs)
+    )
+    (folder / "config.json").write_text(json.dumps({"model_type": "nci-demo", "hidden": 64}))
+    return folder
+
+
+def _original_tensors(folder: Path) -> dict[str, bytes]:
+    raw = (folder / "model.safetensors").read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    base = 8 + size
+    return {
+        name: raw[base + meta["data_offsets"][0] : base + meta["data_offsets"][1]]
+        for name, meta in header.items()
+    }
+
+
+def _tampered_copy(bundle: Path, out: Path) -> Path:
+    shutil.copytree(bundle, out)
+    chunks = bytearray((out / "chunks.bin").read_bytes())
+    chunks[len(chunks) // 2] ^= 0x01
+    (out / "chunks.bin").write_bytes(bytes(chunks))
+    return out
+
+
+@contextlib.contextmanager
+def _background(streamer: BundleStreamer) -> Iterator[None]:
+    """Run the parent's streamer in its own event loop thread, as a separate service would."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="nci-demo-parent", daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(streamer.start(), loop).result(10)
+        yield
+    finally:
+        asyncio.run_coroutine_threadsafe(streamer.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 _ACCOUNT = "123456789012"

@@ -20,5 +20,7 @@ def test_demo_accepts_the_genuine_document_and_refuses_forgeries(tmp_path: Path)
         assert "not by Nitro hardware" in text
         assert "RELEASED: the same data key the provider sealed" in text
         assert text.count("=> REFUSED (AccessDeniedException)") == 2
-        assert "every unattested caller was refused" in text
+        assert "UNLOCKED: 3 tensors, identical to the provider's" in text
+        assert "REFUSED (BundleIntegrityError" in text
+        assert "every forgery, tampering and unattested caller was refused" in text
     assert (tmp_path / "nsm").is_dir()
