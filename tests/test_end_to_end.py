@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import torch
 
@@ -25,31 +24,20 @@ from attestation.roots import TrustRoot
 from enclave.errors import KeyReleaseDenied
 from enclave.keyrelease import KeyRelease
 from enclave.unlock import Unlocker
-from kms_policy import generate
 from kms_policy.localkms import LocalKms, LocalKmsConfig
 from parent.bundlesource import S3Source
 from parent.streamer import BundleStreamer
 from protocol.transport import parse_address
 from provider import publish, seal
 from tests.assets import generate_bundle_vectors as tiny
+from tests.localaws import KEYS, aws_client, create_weights_key
 
-ACCOUNT = "123456789012"
-ROLE = f"arn:aws:iam::{ACCOUNT}:role/nci-parent"
-PROVIDER = f"arn:aws:iam::{ACCOUNT}:role/nci-provider"
-ADMIN = f"arn:aws:iam::{ACCOUNT}:role/nci-key-admin"
-KEYS = {"AKIAPARENT": ROLE, "AKIAPROVIDER": PROVIDER, "AKIAADMIN": ADMIN}
 BUCKET = "nci-sealed-models"
 MODEL_ID = "nci-test/tiny:1"
 
 
 def aws(kms: LocalKms, service: str, access_key: str) -> Any:
-    return boto3.session.Session().client(
-        service,
-        endpoint_url=kms.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id=access_key,
-        aws_secret_access_key="local-secret",
-    )
+    return aws_client(kms, access_key, service)
 
 
 @dataclass
@@ -71,13 +59,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     )
     with LocalKms(config) as kms:
         # (1) the provider's key, bound to the measured enclave image
-        policy = generate(
-            measurements=_measure.application_measurements(),
-            role_arn=ROLE,
-            provider_arn=PROVIDER,
-            admin_arns=[ADMIN],
-        )
-        key = aws(kms, "kms", "AKIAADMIN").create_key(Policy=policy.to_json())["KeyMetadata"]
+        key = create_weights_key(kms)
         # (2) seal and publish with the provider's own credentials
         model = tiny.write_model(root / "model")
         seal(

@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
 
@@ -26,15 +25,15 @@ from enclave.keyrelease import (
     public_key_der,
     unwrap_ciphertext_for_recipient,
 )
-from kms_policy import generate
 from kms_policy.localkms import LocalKms, LocalKmsConfig
+from tests.localaws import (
+    ADMIN,
+    KEYS,
+    ROLE,
+    aws_client,
+    create_weights_key,
+)
 
-ACCOUNT = "123456789012"
-ROLE = f"arn:aws:iam::{ACCOUNT}:role/nci-parent"
-PROVIDER = f"arn:aws:iam::{ACCOUNT}:role/nci-provider"
-ADMIN = f"arn:aws:iam::{ACCOUNT}:role/nci-key-admin"
-OTHER = f"arn:aws:iam::{ACCOUNT}:user/someone-else"
-KEYS = {"AKIAPARENT": ROLE, "AKIAPROVIDER": PROVIDER, "AKIAADMIN": ADMIN, "AKIAOTHER": OTHER}
 CONTEXT = {"model": "demo-vlm", "bundle": "b-0001"}
 
 
@@ -59,25 +58,12 @@ def kms(enclave_nsm: EmulatedNsm) -> Iterator[LocalKms]:
 
 
 def client(kms: LocalKms, access_key: str) -> Any:
-    return boto3.client(
-        "kms",
-        endpoint_url=kms.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id=access_key,
-        aws_secret_access_key="local-secret",
-    )
+    return aws_client(kms, access_key)
 
 
 @pytest.fixture(scope="module")
 def key_id(kms: LocalKms) -> str:
-    policy = generate(
-        measurements=_measure.application_measurements(),
-        role_arn=ROLE,
-        provider_arn=PROVIDER,
-        admin_arns=[ADMIN],
-    )
-    answer = client(kms, "AKIAADMIN").create_key(Policy=policy.to_json())
-    return str(answer["KeyMetadata"]["KeyId"])
+    return str(create_weights_key(kms)["KeyId"])
 
 
 @pytest.fixture(scope="module")

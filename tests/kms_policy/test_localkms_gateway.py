@@ -10,21 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from attestation import _measure
 from attestation.emulator import EmulatedNsm
 from attestation.roots import TrustRoot
-from kms_policy import generate
 from kms_policy.localkms import LocalKms, LocalKmsConfig
+from tests.localaws import KEYS, aws_client, create_weights_key
 
-ACCOUNT = "123456789012"
-ROLE = f"arn:aws:iam::{ACCOUNT}:role/nci-parent"
-PROVIDER = f"arn:aws:iam::{ACCOUNT}:role/nci-provider"
-ADMIN = f"arn:aws:iam::{ACCOUNT}:role/nci-key-admin"
-KEYS = {"AKIAPARENT": ROLE, "AKIAPROVIDER": PROVIDER, "AKIAADMIN": ADMIN}
 CONTEXT = {"model": "m", "bundle": "b"}
 SIGNATURE = "0" * 64
 
@@ -40,24 +33,12 @@ def kms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKms]:
 
 
 def client(kms: LocalKms, access_key: str, service: str = "kms") -> Any:
-    return boto3.client(
-        service,
-        endpoint_url=kms.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id=access_key,
-        aws_secret_access_key="local-secret",
-    )
+    return aws_client(kms, access_key, service)
 
 
 @pytest.fixture(scope="module")
 def sealed(kms: LocalKms) -> tuple[str, bytes]:
-    policy = generate(
-        measurements=_measure.application_measurements(),
-        role_arn=ROLE,
-        provider_arn=PROVIDER,
-        admin_arns=[ADMIN],
-    )
-    key_id = client(kms, "AKIAADMIN").create_key(Policy=policy.to_json())["KeyMetadata"]["KeyId"]
+    key_id = create_weights_key(kms)["KeyId"]
     blob = client(kms, "AKIAPROVIDER").generate_data_key(
         KeyId=key_id, KeySpec="AES_256", EncryptionContext=CONTEXT
     )["CiphertextBlob"]

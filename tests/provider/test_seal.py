@@ -13,9 +13,7 @@ from typing import Any
 import boto3
 import pytest
 
-from attestation import _measure
 from attestation.roots import TrustRoot
-from kms_policy import generate
 from kms_policy.localkms import LocalKms, LocalKmsConfig
 from nci.cli import main
 from protocol.bundle import Manifest, derive_bundle_key, open_chunk
@@ -25,13 +23,12 @@ from provider.errors import ConfigError, InvalidModel, KmsError, PublishError
 from provider.seal import CHUNKS_NAME, MANIFEST_NAME, seal_with_data_key
 from tests.assets import generate_bundle_vectors as vectors
 from tests.assets.generate_bundle_vectors import write_safetensors
+from tests.localaws import (
+    KEYS,
+    aws_client,
+    create_weights_key,
+)
 
-ACCOUNT = "123456789012"
-ROLE = f"arn:aws:iam::{ACCOUNT}:role/nci-parent"
-PROVIDER = f"arn:aws:iam::{ACCOUNT}:role/nci-provider"
-ADMIN = f"arn:aws:iam::{ACCOUNT}:role/nci-key-admin"
-OTHER = f"arn:aws:iam::{ACCOUNT}:user/someone-else"
-KEYS = {"AKIAPROVIDER": PROVIDER, "AKIAADMIN": ADMIN, "AKIAOTHER": OTHER}
 DATA_KEY = hashlib.sha256(b"provider test data key").digest()
 BUNDLE_ID = bytes(range(16))
 
@@ -323,25 +320,12 @@ def local_kms() -> Iterator[LocalKms]:
 
 
 def aws(service: str, kms: LocalKms, access_key: str = "AKIAPROVIDER") -> Any:
-    return boto3.client(
-        service,
-        endpoint_url=kms.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id=access_key,
-        aws_secret_access_key="local-secret",
-    )
+    return aws_client(kms, access_key, service)
 
 
 @pytest.fixture(scope="module")
 def key_arn(local_kms: LocalKms) -> str:
-    policy = generate(
-        measurements=_measure.application_measurements(),
-        role_arn=ROLE,
-        provider_arn=PROVIDER,
-        admin_arns=[ADMIN],
-    )
-    answer = aws("kms", local_kms, "AKIAADMIN").create_key(Policy=policy.to_json())
-    return str(answer["KeyMetadata"]["Arn"])
+    return str(create_weights_key(local_kms)["Arn"])
 
 
 @pytest.fixture(scope="module")
