@@ -201,42 +201,24 @@ def _build_bundles(
 # -- the parent: a real BundleStreamer in its own process ---------------------------------------
 
 
-def _serve(socket_path: str, bundles: list[str]) -> None:
-    """``--serve``: stream ``NAME=FOLDER`` bundles on ``unix://socket_path`` until stdin closes."""
+def _serve(socket_path: str, folders: dict[str, str], ready: Event, stop: Event) -> None:
+    """The parent process: stream the bundles on ``unix://socket_path`` until ``stop`` is set."""
 
     async def main() -> None:
-        sources = {}
-        for item in bundles:
-            name, _, folder = item.partition("=")
-            sources[name] = FolderSource(folder)
+        sources = {name: FolderSource(folder) for name, folder in folders.items()}
         async with BundleStreamer(parse_address(f"unix://{socket_path}"), sources):
-            print("ready", flush=True)
-            await asyncio.to_thread(sys.stdin.read)
+            ready.set()
+            await asyncio.to_thread(stop.wait)
 
     asyncio.run(main())
 
 
-def _start_parent(socket_path: Path, root: Path) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "benchmarks.unlock", "--serve", str(socket_path)]
-    command += [f"{name}={root / name}" for name in (SEALED, PLAIN)]
-    parent = subprocess.Popen(
-        command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert parent.stdout is not None
-    if parent.stdout.readline().strip() != "ready":
-        _stop_parent(parent)
-        raise RuntimeError("the bundle streamer process did not start")
-    return parent
-
-
-def _stop_parent(parent: subprocess.Popen[str]) -> None:
-    if parent.stdin is not None:
-        parent.stdin.close()
-    try:
-        parent.wait(10)
-    except subprocess.TimeoutExpired:
-        parent.kill()
-        parent.wait()
+def _stop(process: BaseProcess, stop: Event) -> None:
+    stop.set()
+    process.join(10)
+    if process.exitcode is None:
+        process.terminate()
+        process.join()
 
 
 # -- the loaders, each run in a fresh process ---------------------------------------------------
