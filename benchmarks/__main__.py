@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import sys
 
-from benchmarks import attestation_verify
+from benchmarks import attestation_verify, unlock
 
 
 def main() -> int:
-    results = {"attestation_verify": attestation_verify.run()}
+    results = {
+        "attestation_verify": attestation_verify.run(),
+        "unlock": unlock.run(size_mb=256, rounds=3),
+    }
     if "--json" in sys.argv[1:]:
         print(json.dumps(results, indent=2))
     else:

@@ -8,6 +8,8 @@ builds a *plaintext bundle* beside it: the same manifest, and a ``chunks.bin`` h
 plaintext chunk followed by 16 zero bytes, so both are served in frames of identical sizes. Both
 files are warm in the page cache. A real :class:`parent.streamer.BundleStreamer` serves them on a
 ``unix://`` socket from a separate process, like the parent. Every figure comes from that source.
+With two CPUs or more, the parent and the loader are pinned to different CPUs (``cpu_pinning``),
+as a Nitro enclave's vCPUs are its own.
 
 Loads, each in a fresh process (so its peak resident memory is its own), interleaved
 plaintext, sealed, plaintext, sealed ...; medians of the times:
@@ -25,7 +27,8 @@ plaintext, sealed, plaintext, sealed ...; medians of the times:
     (the peak is reset through ``/proc/self/clear_refs`` first, then read with ``getrusage``); the
     largest over the rounds. ``rss_over_model_bytes`` is what it holds beyond the model itself
     (``model_bytes``, the plaintext stream: tensors and their 64-byte alignment padding); goal
-    ≤ 64 MiB.
+    ≤ 64 MiB. Part of that excess is ``rss_file_delta_bytes``: library code (OpenSSL, the frame
+    and bundle code) that the freshly forked process faults in while it loads, not data.
 
 Decryption alone, in this process, from the sealed chunks already in memory (plaintext GB/s,
 1 GB = 10⁹ bytes, one thread; medians of interleaved passes):
@@ -37,19 +40,21 @@ Decryption alone, in this process, from the sealed chunks already in memory (pla
     :func:`protocol.bundle.open_chunk_into` into freshly allocated tensor storage, as the enclave
     does. ``unlock_vs_ceiling`` = unlock_gbps / aead_ceiling_gbps.
 
-What separates the two, measured step by step:
+What separates the two:
 
-1. per-chunk overhead (``open_chunk_warm_gbps``: ``open_chunk_into`` into the same warm buffer as
-   the ceiling): a new AESGCM object (key schedule) per chunk, building the nonce and the
-   associated data, the memoryview checks and cast. Reported as ``per_chunk_overhead_us``; a few
-   microseconds against the hundreds a 1 MiB chunk takes to decrypt, so small at 1 MiB chunks and
-   growing as chunks shrink.
-2. the destination (``unlock_pretouched_gbps``: into tensor storage whose pages were already
-   written once): the plaintext now streams out to DRAM, model-sized, instead of landing in one
-   cache-resident buffer.
+1. per-chunk overhead: :func:`open_chunk_into` creates an AESGCM object (a key schedule) for every
+   chunk, builds its nonce and associated data, checks and casts the memoryviews.
+   ``per_chunk_overhead_us`` measures it directly (``open_chunk_into`` minus a bare
+   ``decrypt_into`` on a 4 KiB chunk, warm buffer, many calls); ``per_chunk_overhead_share`` is
+   its part of the ceiling's time at this chunk size (a few microseconds against the hundreds a
+   1 MiB chunk takes to decrypt; it grows as chunks shrink).
+2. the destination (``unlock_pretouched_gbps``: ``open_chunk_into`` into tensor storage whose pages
+   were written once already): the plaintext streams out to model-sized memory instead of
+   landing in one cache-resident buffer.
 3. first touch (``unlock_gbps``, fresh storage): every new 4 KiB page faults on its first write
-   and the kernel zeroes it before the decryption can fill it. ``first_touch_s`` is the
-   difference between 3 and 2; the plaintext load pays it too, so it cancels in ``load_ratio``.
+   and the kernel zeroes it before the decryption fills it. ``first_touch_s`` is the difference
+   between 3 and 2 for the whole model; the plaintext load pays it too, so it cancels in
+   ``load_ratio``.
 """
 
 from __future__ import annotations
@@ -59,17 +64,20 @@ import asyncio
 import ctypes
 import hashlib
 import json
+import multiprocessing
 import os
 import resource
 import secrets
 import shutil
 import statistics
 import struct
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from multiprocessing.connection import Connection
+from multiprocessing.context import ForkServerContext
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any, Final
 
@@ -90,6 +98,7 @@ from protocol.bundle import (
     derive_bundle_key,
     open_chunk,
     open_chunk_into,
+    seal_chunk,
 )
 from protocol.frames import (
     BundleChunk,
@@ -103,7 +112,6 @@ from protocol.frames import (
 from protocol.transport import Address, connect, parse_address
 from provider.seal import CHUNKS_NAME, MANIFEST_NAME, seal_with_data_key
 
-ROOT: Final = Path(__file__).resolve().parent.parent
 MIB: Final = 1024 * 1024
 MODEL_ID: Final = "nci-bench/random:1"
 KMS_KEY_ID: Final = "arn:aws:kms:us-east-1:000000000000:key/00000000-0000-4000-8000-00000000beef"
@@ -114,6 +122,16 @@ LOAD_RATIO_GOAL: Final = 1.1
 RSS_SLACK_GOAL: Final = 64 * MIB
 _COLUMNS: Final = 1000  # rows of 1000 elements: tensor ends fall inside chunks, not on edges
 _WRITE_PIECE: Final = 16 * MIB
+# what the child processes need, imported once in the fork server (not this module itself: a child
+# re-runs the main module by name, and would warn if it were already imported)
+_PRELOAD: Final = [
+    "torch",
+    "numpy",
+    "enclave.unlock",
+    "parent.streamer",
+    "parent.bundlesource",
+    "provider.seal",
+]
 
 
 # -- the model and its two bundles ----------------------------------------------------------------
@@ -201,8 +219,22 @@ def _build_bundles(
 # -- the parent: a real BundleStreamer in its own process ---------------------------------------
 
 
-def _serve(socket_path: str, folders: dict[str, str], ready: Event, stop: Event) -> None:
+def _pinning() -> tuple[int, int] | None:
+    """(parent CPU, loader CPU): two different CPUs this process may use, if it has two."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return (cpus[0], cpus[1]) if len(cpus) >= 2 else None
+
+
+def _pin(cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
+
+def _serve(
+    socket_path: str, folders: dict[str, str], cpu: int | None, ready: Event, stop: Event
+) -> None:
     """The parent process: stream the bundles on ``unix://socket_path`` until ``stop`` is set."""
+    _pin(cpu)
 
     async def main() -> None:
         sources = {name: FolderSource(folder) for name, folder in folders.items()}
@@ -284,6 +316,15 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _rss_file_bytes() -> int:
+    """Resident file-backed pages (mostly library code), from ``/proc/self/status``."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def _reset_peak_rss() -> bool:
     """Reset the peak resident size (VmHWM, what ``ru_maxrss`` reports) to the current one."""
     try:
@@ -310,12 +351,19 @@ def _sample_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _load_once(kind: str, address_text: str) -> dict[str, Any]:
-    """``--load KIND``: one timed load in this (fresh) process; the data key comes on stdin."""
-    key = bytes.fromhex(sys.stdin.readline().strip())
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _load_once(
+    kind: str, address_text: str, data_key: bytes, cpu: int | None, results: Connection
+) -> None:
+    """One timed load in a fresh process (forked from the preloaded fork server)."""
+    _pin(cpu)
     address = parse_address(address_text)
     unlocker = Unlocker(
-        address, _FixedKey(key), expected_model_id=MODEL_ID, timeout=TIMEOUT, attempts=1
+        address, _FixedKey(data_key), expected_model_id=MODEL_ID, timeout=TIMEOUT, attempts=1
     )
 
     def load() -> Mapping[str, torch.Tensor]:
@@ -325,32 +373,40 @@ def _load_once(kind: str, address_text: str) -> dict[str, Any]:
 
     reset = _reset_peak_rss()
     baseline = _rss_bytes() if reset else _max_rss_bytes()
+    file_baseline = _rss_file_bytes()
+    cpu_start = _cpu_s()
     start = time.perf_counter()
     tensors = load()
     elapsed = time.perf_counter() - start
+    cpu_used = _cpu_s() - cpu_start
     peak = _max_rss_bytes()
-    return {
-        "load_s": elapsed,
-        "peak_rss_delta_bytes": peak - baseline,
-        "rss_after_delta_bytes": _rss_bytes() - baseline,
-        "peak_reset": reset,
-        "digest": _sample_digest(tensors),
-    }
-
-
-def _child_load(kind: str, address: str, data_key: bytes) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.unlock", "--load", kind, address],
-        cwd=ROOT,
-        input=data_key.hex() + "\n",
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    results.send(
+        {
+            "load_s": elapsed,
+            "cpu_s": cpu_used,
+            "peak_rss_delta_bytes": peak - baseline,
+            "rss_after_delta_bytes": _rss_bytes() - baseline,
+            "rss_file_delta_bytes": _rss_file_bytes() - file_baseline,
+            "peak_reset": reset,
+            "digest": _sample_digest(tensors),
+        }
     )
-    if done.returncode != 0:
-        raise RuntimeError(f"{kind} load failed:\n{done.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(done.stdout)
+
+
+def _child_load(
+    context: ForkServerContext, kind: str, address: str, data_key: bytes, cpu: int | None
+) -> dict[str, Any]:
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_load_once, args=(kind, address, data_key, cpu, send))
+    child.start()
+    send.close()
+    try:
+        result: dict[str, Any] = receive.recv()
+    except EOFError:
+        raise RuntimeError(f"the {kind} load failed (see its traceback above)") from None
+    finally:
+        child.join()
+        receive.close()
     return result
 
 
@@ -360,7 +416,7 @@ def _child_load(kind: str, address: str, data_key: bytes) -> dict[str, Any]:
 def _decrypt_figures(
     folder: Path, manifest: Manifest, bundle_key: bytes, rounds: int
 ) -> dict[str, float]:
-    """Median seconds of the four decryption variants (see the module docstring)."""
+    """Median seconds of the decryption variants (see the module docstring)."""
     with (folder / CHUNKS_NAME).open("rb") as source:
         sealed = [source.read(manifest.sealed_chunk_size(i)) for i in range(manifest.chunk_count)]
     digest = manifest.digest
@@ -379,12 +435,6 @@ def _decrypt_figures(
             aead.decrypt_into(nonce, chunk, aad, warm[: len(chunk) - TAG_SIZE])
         return None
 
-    def open_warm() -> object:
-        for index, chunk in enumerate(sealed):
-            out = warm[: len(chunk) - TAG_SIZE]
-            open_chunk_into(bundle_key, digest, index, finals[index], chunk, out)
-        return None
-
     def into(view: memoryview) -> None:
         for index, chunk in enumerate(sealed):
             start, end = ranges[index]
@@ -401,7 +451,6 @@ def _decrypt_figures(
 
     variants: dict[str, Callable[[], object]] = {
         "ceiling": ceiling,
-        "open_warm": open_warm,
         "pretouched": pretouched,
         "fresh": fresh,
     }
@@ -414,7 +463,30 @@ def _decrypt_figures(
             del kept
             if round_:
                 samples[name].append(elapsed)
-    return {name: statistics.median(times) for name, times in samples.items()}
+    figures = {name: statistics.median(times) for name, times in samples.items()}
+    figures["per_chunk"] = _per_chunk_overhead_s(bundle_key, digest, rounds)
+    return figures
+
+
+def _per_chunk_overhead_s(bundle_key: bytes, digest: bytes, rounds: int) -> float:
+    """Seconds :func:`open_chunk_into` spends per chunk beyond the bare ``decrypt_into``: both on
+    one 4 KiB chunk (the smallest chunk size) into a warm buffer, many calls, interleaved."""
+    size, calls = 4096, 2000
+    sealed = seal_chunk(bundle_key, digest, 0, False, bytes(size))
+    out = memoryview(bytearray(size))
+    aead, nonce, aad = AESGCM(bundle_key), chunk_nonce(0), chunk_aad(digest, 0, False)
+    bare: list[float] = []
+    full: list[float] = []
+    for _ in range(max(rounds, 5)):
+        start = time.perf_counter()
+        for _ in range(calls):
+            aead.decrypt_into(nonce, sealed, aad, out)
+        middle = time.perf_counter()
+        for _ in range(calls):
+            open_chunk_into(bundle_key, digest, 0, False, sealed, out)
+        bare.append(middle - start)
+        full.append(time.perf_counter() - middle)
+    return (statistics.median(full) - statistics.median(bare)) / calls
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -429,20 +501,33 @@ def run(
 ) -> dict[str, Any]:
     if size_mb < 1 or rounds < 1:
         raise ValueError("size_mb and rounds must be at least 1")
+    # every child forks from a server that has already imported torch and the project, so a
+    # fresh process per load costs milliseconds, not an interpreter start
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)
     data_key, bundle_id = secrets.token_bytes(32), secrets.token_bytes(16)
+    pinning = _pinning()
     with tempfile.TemporaryDirectory(prefix="nci-bench-") as scratch:
         root = Path(scratch)
-        manifest = _build_bundles(root, size_mb, chunk_size, data_key, bundle_id)
         socket_path = root / "parent.sock"
         address = f"unix://{socket_path}"
-        parent = _start_parent(socket_path, root)
+        ready, stop = context.Event(), context.Event()
+        folders = {name: str(root / name) for name in (SEALED, PLAIN)}
+        parent_cpu, loader_cpu = pinning if pinning is not None else (None, None)
+        parent = context.Process(
+            target=_serve, args=(str(socket_path), folders, parent_cpu, ready, stop), daemon=True
+        )
+        parent.start()  # its sources are read on request: it can start while the bundles build
         loads: dict[str, list[dict[str, Any]]] = {PLAIN: [], SEALED: []}
         try:
+            manifest = _build_bundles(root, size_mb, chunk_size, data_key, bundle_id)
+            if not ready.wait(60):
+                raise RuntimeError("the bundle streamer process did not start")
             for _ in range(rounds):
                 for kind in (PLAIN, SEALED):
-                    loads[kind].append(_child_load(kind, address, data_key))
+                    loads[kind].append(_child_load(context, kind, address, data_key, loader_cpu))
         finally:
-            _stop_parent(parent)
+            _stop(parent, stop)
         digests = {result["digest"] for results in loads.values() for result in results}
         if len(digests) != 1:
             raise RuntimeError("the plaintext and the sealed loads delivered different bytes")
@@ -465,8 +550,13 @@ def run(
         "chunk_size": manifest.chunk_size,
         "chunk_count": manifest.chunk_count,
         "rounds": rounds,
+        "cpu_pinning": (
+            f"parent cpu {pinning[0]}, loader cpu {pinning[1]}" if pinning else "none (one CPU)"
+        ),
         "plaintext_read_s": round(plain_s, 4),
         "sealed_load_s": round(sealed_s, 4),
+        "plaintext_cpu_s": round(statistics.median(r["cpu_s"] for r in loads[PLAIN]), 4),
+        "sealed_cpu_s": round(statistics.median(r["cpu_s"] for r in loads[SEALED]), 4),
         "load_ratio": round(ratio, 3),
         "load_ratio_goal": _goal(ratio <= LOAD_RATIO_GOAL, f"<= {LOAD_RATIO_GOAL}"),
         "plaintext_read_gbps": gbps(plain_s),
@@ -474,15 +564,16 @@ def run(
         "peak_rss_delta_bytes": peak,
         "rss_over_model_bytes": peak - size,
         "peak_rss_goal": _goal(peak <= size + RSS_SLACK_GOAL, "<= model_bytes + 64 MiB"),
+        "rss_file_delta_bytes": max(r["rss_file_delta_bytes"] for r in loads[SEALED]),
         "plaintext_peak_rss_delta_bytes": plain_peak,
         "peak_rss_reset": all(r["peak_reset"] for rs in loads.values() for r in rs),
         "aead_ceiling_gbps": gbps(decrypt["ceiling"]),
-        "open_chunk_warm_gbps": gbps(decrypt["open_warm"]),
         "unlock_pretouched_gbps": gbps(decrypt["pretouched"]),
         "unlock_gbps": gbps(decrypt["fresh"]),
         "unlock_vs_ceiling": round(decrypt["ceiling"] / decrypt["fresh"], 3),
-        "per_chunk_overhead_us": round(
-            (decrypt["open_warm"] - decrypt["ceiling"]) / manifest.chunk_count * 1e6, 2
+        "per_chunk_overhead_us": round(decrypt["per_chunk"] * 1e6, 2),
+        "per_chunk_overhead_share": round(
+            decrypt["per_chunk"] * manifest.chunk_count / decrypt["ceiling"], 4
         ),
         "first_touch_s": round(decrypt["fresh"] - decrypt["pretouched"], 4),
     }
@@ -494,15 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="bytes")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved load rounds (5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)  # SOCKET NAME=FOLDER...
-    parser.add_argument("--load", nargs=2, help=argparse.SUPPRESS)  # KIND ADDRESS
     args = parser.parse_args(argv)
-    if args.serve:
-        _serve(args.serve[0], args.serve[1:])
-        return 0
-    if args.load:
-        print(json.dumps(_load_once(args.load[0], args.load[1])))
-        return 0
     figures = run(args.size_mb, args.chunk_size, args.rounds)
     if args.json:
         print(json.dumps(figures, indent=2))

@@ -25,6 +25,7 @@ import ctypes
 import hmac
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -41,7 +42,6 @@ from protocol.bundle import (
 from protocol.errors import BundleIntegrityError, FrameError, MalformedBundle, TransportError
 from protocol.frames import (
     DEFAULT_MAX_PAYLOAD,
-    BundleChunk,
     BundleEnd,
     BundleRequest,
     ErrorPayload,
@@ -55,6 +55,7 @@ from protocol.transport import Address, connect
 __all__ = ["BundleLoadError", "DataKeySource", "UnlockedModel", "Unlocker", "torch_dtype"]
 
 log = logging.getLogger(__name__)
+_INDEX = struct.Struct(">Q")  # BundleChunk's index prefix (protocol/frames.py)
 
 _DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
     {
@@ -187,11 +188,15 @@ class Unlocker:
                 frame = self._recv(sock)
                 if frame.type != FrameType.BUNDLE_CHUNK:
                     self._unexpected(frame.type, frame.payload, "BUNDLE_CHUNK")
-                chunk = BundleChunk.decode(frame.payload)
+                # the BUNDLE_CHUNK layout (index u64 ‖ sealed), read without copying the chunk
+                if len(frame.payload) < _INDEX.size:
+                    raise FrameError("BUNDLE_CHUNK payload is shorter than its index")
+                (received,) = _INDEX.unpack_from(frame.payload)
+                sealed = memoryview(frame.payload)[_INDEX.size :]
                 index = state.next_chunk
-                if chunk.index != index:
+                if received != index:
                     raise BundleIntegrityError(
-                        f"chunk {chunk.index} arrived where chunk {index} was due"
+                        f"chunk {received} arrived where chunk {index} was due"
                     )
                 start, end = manifest.chunk_plain_range(index)
                 open_chunk_into(
@@ -199,7 +204,7 @@ class Unlocker:
                     manifest.digest,
                     index,
                     manifest.is_final(index),
-                    chunk.sealed,
+                    sealed,
                     state.view[start:end],
                 )
                 state.next_chunk += 1
