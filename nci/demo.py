@@ -21,6 +21,7 @@ import contextlib
 import hmac
 import json
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -29,26 +30,29 @@ from typing import Any, TextIO
 
 import boto3
 import torch
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from attestation import _measure
 from attestation.emulator import EmulatedNsm, default_state_dir
+from attestation.errors import AttestationError
 from attestation.nsm import NsmClient
 from attestation.policy import Nonce, Policy
 from attestation.report import AuditReport, audit
 from attestation.roots import TrustRoot
-from enclave.errors import KeyReleaseDenied
+from enclave.errors import EnclaveError, KeyReleaseDenied
 from enclave.keyrelease import KeyRelease, kms_client_config
 from enclave.unlock import Unlocker
 from kms_policy import check, generate
+from kms_policy.errors import KmsPolicyError
 from kms_policy.localkms import LocalKms, LocalKmsConfig
 from parent.bundlesource import FolderSource, S3Source
 from parent.streamer import BundleStreamer
-from protocol.errors import BundleIntegrityError
+from protocol.errors import BundleIntegrityError, ProtocolError
 from protocol.transport import parse_address
 from provider import publish, seal
+from provider.errors import ProviderError
 
 __all__ = ["add_parser", "run_demo"]
 
@@ -61,11 +65,29 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=None,
         help="local state folder (default: $NCI_STATE_DIR or ./.nci)",
     )
-    parser.set_defaults(handler=lambda args, out, err: run_demo(args.state_dir, out))
+    parser.set_defaults(handler=lambda args, out, err: run_demo(args.state_dir, out, err))
 
 
-def run_demo(state_dir: Path | None, out: TextIO) -> int:
-    state_dir = state_dir if state_dir is not None else default_state_dir()
+def run_demo(state_dir: Path | None, out: TextIO, err: TextIO | None = None) -> int:
+    """Run every step; a failure of any piece is one line on ``err`` and exit status 1."""
+    state_dir = (state_dir if state_dir is not None else default_state_dir()).resolve()
+    try:
+        return _run(state_dir, out)
+    except (
+        AttestationError,
+        KmsPolicyError,
+        EnclaveError,
+        ProtocolError,
+        ProviderError,
+        BotoCoreError,
+        ClientError,
+        OSError,
+    ) as exc:
+        print(f"nci demo: FAILED: {type(exc).__name__}: {exc}", file=err or out)
+        return 1
+
+
+def _run(state_dir: Path, out: TextIO) -> int:
     say = _Printer(out)
 
     say.step("enclave", f"boot the emulated NSM (local CA kept in {state_dir / 'nsm'})")
@@ -200,13 +222,15 @@ def _sealed_weights(
     publish(work / "bundle", f"s3://{_BUCKET}/demo/v1", s3_client=s3)
     say.step("provider", f"publish to s3://{_BUCKET}/demo/v1 (moto S3)")
 
-    address = parse_address(f"unix://{work}/parent.sock")
+    # a short socket path of its own: unix socket paths are limited to 107 bytes
+    sockets = Path(tempfile.mkdtemp(prefix="nci-demo-"))
+    address = parse_address(f"unix://{sockets}/parent.sock")
     tampered = _tampered_copy(work / "bundle", work / "tampered")
     sources = {
         "demo": S3Source(_aws(kms, "s3", _ROLE), _BUCKET, "demo/v1"),
         "tampered": FolderSource(tampered),
     }
-    with _background(BundleStreamer(address, sources)):
+    with _background(BundleStreamer(address, sources)), _removed(sockets):
         say.step("parent", f"stream the sealed bundle from S3 to the enclave on {address}")
         release = KeyRelease(NsmClient(nsm), _kms(kms, _ROLE))
         unlocker = Unlocker(address, release, expected_model_id=_MODEL_ID, timeout=10)
@@ -294,6 +318,14 @@ def _tampered_copy(bundle: Path, out: Path) -> Path:
     chunks[len(chunks) // 2] ^= 0x01
     (out / "chunks.bin").write_bytes(bytes(chunks))
     return out
+
+
+@contextlib.contextmanager
+def _removed(folder: Path) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager

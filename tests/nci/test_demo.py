@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pytest
+
 from nci.cli import main
 
 
@@ -24,3 +26,13 @@ def test_demo_accepts_the_genuine_document_and_refuses_forgeries(tmp_path: Path)
         assert "REFUSED (BundleIntegrityError" in text
         assert "every forgery, tampering and unattested caller was refused" in text
     assert (tmp_path / "nsm").is_dir()
+
+
+def test_demo_runs_with_the_default_relative_state_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NCI_STATE_DIR", raising=False)
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["demo"], out=out, err=err) == 0, out.getvalue() + err.getvalue()
+    assert (tmp_path / ".nci" / "nsm").is_dir()
