@@ -363,7 +363,12 @@ def _load_once(
     _pin(cpu)
     address = parse_address(address_text)
     unlocker = Unlocker(
-        address, _FixedKey(data_key), expected_model_id=MODEL_ID, timeout=TIMEOUT, attempts=1
+        address,
+        _FixedKey(data_key),
+        expected_model_id=MODEL_ID,
+        expected_kms_key_id=KMS_KEY_ID,
+        timeout=TIMEOUT,
+        attempts=1,
     )
 
     def load() -> Mapping[str, torch.Tensor]:

@@ -115,8 +115,13 @@ class Unlocker:
     """Load one sealed bundle from the parent's streamer into enclave memory.
 
     ``parent`` is the streamer's address (``vsock://3:PORT`` on AWS, ``unix://`` locally);
-    ``keys`` releases the data key; ``expected_model_id`` is this enclave's configuration: a
-    manifest for any other model is refused before its key is even asked for.
+    ``keys`` releases the data key. The pins are this enclave's (measured) configuration, checked
+    before any key is asked for: ``expected_model_id`` and ``expected_kms_key_id`` (the provider's
+    key ARN: without it the parent could seal a model of its own under a key it controls, and KMS
+    would release that key to us), and optionally ``expected_manifest_sha256`` (one exact bundle:
+    refuses rollback to an older bundle of the same model). ``max_plaintext_size`` bounds the
+    one allocation, which happens only after chunk 0 authenticated the manifest. ``timeout``
+    bounds each frame, ``total_timeout`` the whole load.
     """
 
     def __init__(
@@ -125,20 +130,35 @@ class Unlocker:
         keys: DataKeySource,
         *,
         expected_model_id: str,
+        expected_kms_key_id: str,
+        expected_manifest_sha256: bytes | None = None,
+        max_plaintext_size: int = 64 * 1024**3,
         timeout: float = 30.0,
+        total_timeout: float = 3600.0,
         attempts: int = 3,
         backoff: float = 0.5,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
     ) -> None:
-        if attempts < 1 or not timeout > 0 or backoff < 0:
-            raise BundleLoadError("attempts ≥ 1, a positive timeout and backoff ≥ 0 are needed")
+        if attempts < 1 or not 0 < timeout <= total_timeout or backoff < 0:
+            raise BundleLoadError("attempts ≥ 1, 0 < timeout ≤ total_timeout and backoff ≥ 0")
+        if not expected_kms_key_id.startswith("arn:"):
+            raise BundleLoadError(
+                "expected_kms_key_id must be the key's ARN, as manifests record it"
+            )
+        if expected_manifest_sha256 is not None and len(expected_manifest_sha256) != 32:
+            raise BundleLoadError("expected_manifest_sha256 must be 32 bytes")
         self._parent = parent
         self._keys = keys
         self._expected_model_id = expected_model_id
+        self._expected_kms_key_id = expected_kms_key_id
+        self._expected_manifest_sha256 = expected_manifest_sha256
+        self._max_plaintext_size = max_plaintext_size
         self._timeout = timeout
+        self._total_timeout = total_timeout
         self._attempts = attempts
         self._backoff = backoff
         self._max_payload = max_payload
+        self._deadline = 0.0
 
     def load(
         self, bundle: str, *, progress: Callable[[int, int], None] | None = None
@@ -146,42 +166,50 @@ class Unlocker:
         """Stream, verify and decrypt ``bundle``; raise a typed error and return nothing on any
         failure (no partial model is ever handed out)."""
         state = _LoadState()
-        failures = 0
-        while True:
-            try:
-                self._stream(bundle, state, progress)
-                break
-            except TransportError as exc:
-                # (4) a broken stream: resume from the next unverified chunk, a bounded number
-                # of times; integrity failures are never retried
-                failures += 1
-                if failures >= self._attempts:
-                    state.abandon()
-                    raise
-                log.warning(
-                    "bundle stream broke after %d verified chunks (%s); resuming",
-                    state.next_chunk,
-                    type(exc).__name__,
-                )
-                time.sleep(self._backoff * failures)
-            except BaseException:
-                state.abandon()
-                raise
-        if state.manifest is None or state.storage is None:  # pragma: no cover (loop invariant)
-            raise BundleLoadError("the stream ended without a manifest")
-        return _build_model(state.manifest, state.storage)
+        self._deadline = time.monotonic() + self._total_timeout
+        try:
+            failures = 0
+            while True:
+                try:
+                    self._stream(bundle, state, progress)
+                    break
+                except TransportError as exc:
+                    # (4) a broken stream: resume from the next unverified chunk, a bounded
+                    # number of times; integrity failures are never retried
+                    failures += 1
+                    if failures >= self._attempts:
+                        raise
+                    log.warning(
+                        "bundle stream broke after %d verified chunks (%s); resuming",
+                        state.next_chunk,
+                        type(exc).__name__,
+                    )
+                    time.sleep(min(self._backoff * failures, self._remaining()))
+            if state.manifest is None or state.storage is None:  # pragma: no cover (invariant)
+                raise BundleLoadError("the stream ended without a manifest")
+            state.bundle_key = None
+            return _build_model(state.manifest, state.storage)
+        except BaseException:
+            state.abandon()
+            raise
+
+    def _remaining(self) -> float:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise BundleLoadError(f"the load did not finish within {self._total_timeout:.0f} s")
+        return remaining
 
     def _stream(
         self, bundle: str, state: _LoadState, progress: Callable[[int, int], None] | None
     ) -> None:
-        sock = connect(self._parent, timeout=self._timeout)
+        sock = connect(self._parent, timeout=min(self._timeout, self._remaining()))
         with sock:
             send_frame(sock, BundleRequest(bundle, state.next_chunk).frame(), timeout=self._timeout)
             # (1) the manifest, parsed strictly; identical on every resume
             manifest = self._receive_manifest(sock, state)
             if state.bundle_key is None:
                 self._release_key(manifest, state)
-            if state.bundle_key is None or state.view is None:  # pragma: no cover (set above)
+            if state.bundle_key is None:  # pragma: no cover (set above)
                 raise BundleLoadError("no chunk key after key release")
             # (3) each chunk straight into its place, in order
             while state.next_chunk < manifest.chunk_count:
@@ -199,14 +227,25 @@ class Unlocker:
                         f"chunk {received} arrived where chunk {index} was due"
                     )
                 start, end = manifest.chunk_plain_range(index)
-                open_chunk_into(
-                    state.bundle_key,
-                    manifest.digest,
-                    index,
-                    manifest.is_final(index),
-                    sealed,
-                    state.view[start:end],
-                )
+                final = manifest.is_final(index)
+                if state.view is None:
+                    # chunk 0 first opens into a scratch buffer: it authenticates the manifest
+                    # (its digest is in the associated data) before the model-sized allocation
+                    scratch = bytearray(end - start)
+                    try:
+                        open_chunk_into(
+                            state.bundle_key, manifest.digest, index, final, sealed,
+                            memoryview(scratch),
+                        )  # fmt: skip
+                        view = state.allocate(manifest.plaintext_size)
+                        view[start:end] = scratch
+                    finally:
+                        scratch[:] = bytes(len(scratch))
+                else:
+                    open_chunk_into(
+                        state.bundle_key, manifest.digest, index, final, sealed,
+                        state.view[start:end],
+                    )  # fmt: skip
                 state.next_chunk += 1
                 if progress is not None:
                     progress(state.next_chunk, manifest.chunk_count)
@@ -226,10 +265,23 @@ class Unlocker:
                 raise BundleIntegrityError("the manifest changed between two parts of the stream")
             return state.manifest
         manifest = Manifest.from_cbor(frame.payload)
+        # (1) the pins, before any key is asked for
         if manifest.model_id != self._expected_model_id:
             raise BundleLoadError(
                 f"the bundle is for model {manifest.model_id!r}; this enclave serves "
                 f"{self._expected_model_id!r}"
+            )
+        if manifest.kms_key_id != self._expected_kms_key_id:
+            raise BundleLoadError(
+                "the bundle is sealed under another KMS key than the provider's pinned key"
+            )
+        pinned = self._expected_manifest_sha256
+        if pinned is not None and not hmac.compare_digest(manifest.digest, pinned):
+            raise BundleLoadError("the bundle is not the pinned one (manifest SHA-256 differs)")
+        if manifest.plaintext_size > self._max_plaintext_size:
+            raise BundleLoadError(
+                f"the bundle declares {manifest.plaintext_size} bytes; this enclave loads at "
+                f"most {self._max_plaintext_size}"
             )
         state.manifest = manifest
         return manifest
@@ -241,17 +293,18 @@ class Unlocker:
             self._keys.decrypt(
                 manifest.encrypted_data_key,
                 encryption_context=manifest.encryption_context,
-                key_id=manifest.kms_key_id,
+                # KMS refuses a ciphertext of any other key (IncorrectKeyException)
+                key_id=self._expected_kms_key_id,
             )
         )
         try:
             state.bundle_key = derive_bundle_key(data_key, manifest.bundle_id)
         finally:
             data_key[:] = bytes(len(data_key))
-        state.allocate(manifest.plaintext_size)
 
     def _recv(self, sock: socket.socket) -> Frame:
-        return recv_frame(sock, max_payload=self._max_payload, timeout=self._timeout)
+        timeout = min(self._timeout, self._remaining())
+        return recv_frame(sock, max_payload=self._max_payload, timeout=timeout)
 
     @staticmethod
     def _unexpected(frame_type: FrameType, payload: bytes, wanted: str) -> None:
@@ -274,15 +327,24 @@ class _LoadState:
         self.view: memoryview | None = None
         self.next_chunk = 0
 
-    def allocate(self, size: int) -> None:
-        self.storage = torch.empty(size, dtype=torch.uint8)
+    def allocate(self, size: int) -> memoryview:
+        try:
+            self.storage = torch.empty(size, dtype=torch.uint8)
+        except (RuntimeError, MemoryError):
+            raise BundleLoadError(f"cannot allocate {size} bytes for the model") from None
         raw = (ctypes.c_char * size).from_address(self.storage.data_ptr())
         self.view = memoryview(raw).cast("B")
+        return self.view
 
     def abandon(self) -> None:
-        """Wipe everything decrypted so far and forget the key: nothing partial survives."""
-        if self.storage is not None:
-            self.storage.zero_()
+        """Wipe everything decrypted so far and forget the key: nothing partial survives.
+
+        Only the verified prefix holds plaintext (a failing chunk wipes its own slice), so only
+        that is zeroed: the rest of the buffer was never written and need not be touched.
+        """
+        if self.storage is not None and self.manifest is not None:
+            end = min(self.next_chunk * self.manifest.chunk_size, self.manifest.plaintext_size)
+            self.storage[:end].zero_()
         self.storage = None
         self.view = None
         self.bundle_key = None

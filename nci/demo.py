@@ -233,7 +233,13 @@ def _sealed_weights(
     with _background(BundleStreamer(address, sources)), _removed(sockets):
         say.step("parent", f"stream the sealed bundle from S3 to the enclave on {address}")
         release = KeyRelease(NsmClient(nsm), _kms(kms, _ROLE))
-        unlocker = Unlocker(address, release, expected_model_id=_MODEL_ID, timeout=10)
+        unlocker = Unlocker(
+            address,
+            release,
+            expected_model_id=_MODEL_ID,
+            expected_kms_key_id=manifest.kms_key_id,  # the enclave's configuration pins the key
+            timeout=10,
+        )
         model = unlocker.load("demo")
         expected = _original_tensors(model_dir)
         exact = all(

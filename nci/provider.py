@@ -75,7 +75,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=int,
         default=DEFAULT_CHUNK_SIZE,
         metavar="BYTES",
-        help="a power of two from 4096 to 64 MiB (default: 1 MiB)",
+        help="a power of two from 4096 to 16 MiB (default: 1 MiB)",
     )
     seal_cmd.add_argument(
         "--context",

@@ -166,7 +166,7 @@ def check_ranges(
         if tensor.name in names:
             raise MalformedBundle(f"{where}.name repeats an earlier tensor's name")
         names.add(tensor.name)
-        if tensor.dtype not in DTYPE_SIZES or type(tensor.dtype) is not str:
+        if type(tensor.dtype) is not str or tensor.dtype not in DTYPE_SIZES:
             raise MalformedBundle(f"{where}.dtype must be one of {sorted(DTYPE_SIZES)}")
         if len(tensor.shape) > MAX_DIMS or any(type(d) is not int or d < 0 for d in tensor.shape):
             raise MalformedBundle(f"{where}.shape must be at most {MAX_DIMS} unsigned integers")

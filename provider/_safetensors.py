@@ -115,7 +115,7 @@ def read_header(path: Path) -> SafetensorsFile:
         if not isinstance(entry, dict) or set(entry) != _TENSOR_KEYS:
             bad(f"tensor {name!r} must have exactly dtype, shape and data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPE_SIZES:
+        if type(dtype) is not str or dtype not in DTYPE_SIZES:
             bad(
                 f"tensor {name!r} has dtype {dtype!r}; bundle format v1 supports "
                 f"{', '.join(sorted(DTYPE_SIZES))}"

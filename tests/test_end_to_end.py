@@ -47,6 +47,7 @@ class World:
     enclave: EmulatedNsm
     chunks_seen_by_parent: bytes
     parent_address: Any
+    key_arn: str
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         asyncio.run_coroutine_threadsafe(streamer.start(), loop).result(10)
         seen = (root / "bundle" / "chunks.bin").read_bytes()
         try:
-            yield World(kms, root / "state", enclave, seen, address)
+            yield World(kms, root / "state", enclave, seen, address, key["Arn"])
         finally:
             asyncio.run_coroutine_threadsafe(streamer.close(), loop).result(10)
             loop.call_soon_threadsafe(loop.stop)
@@ -93,7 +94,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 def test_attested_enclave_unlocks_the_model_published_to_s3(world: World) -> None:
     release = KeyRelease(NsmClient(world.enclave), aws(world.kms, "kms", "AKIAPARENT"))
-    model = Unlocker(world.parent_address, release, expected_model_id=MODEL_ID).load("tiny")
+    model = Unlocker(
+        world.parent_address, release, expected_model_id=MODEL_ID, expected_kms_key_id=world.key_arn
+    ).load("tiny")
     originals = tiny.tensor_bytes()
     for name, (_, shape) in tiny.TENSORS.items():
         tensor = model.tensors[name]
@@ -113,4 +116,9 @@ def test_modified_enclave_image_gets_no_key_and_no_model(world: World) -> None:
     rogue = EmulatedNsm(state_dir=world.state, measurements=changed)
     release = KeyRelease(NsmClient(rogue), aws(world.kms, "kms", "AKIAPARENT"))
     with pytest.raises(KeyReleaseDenied):
-        Unlocker(world.parent_address, release, expected_model_id=MODEL_ID).load("tiny")
+        Unlocker(
+            world.parent_address,
+            release,
+            expected_model_id=MODEL_ID,
+            expected_kms_key_id=world.key_arn,
+        ).load("tiny")

@@ -104,6 +104,7 @@ def unlocker(address: Address, keys: FixedKeys | None = None, **options: object)
         address,
         keys or FixedKeys(),
         expected_model_id=MODEL_ID,
+        expected_kms_key_id=META["kms_key_id"],
         timeout=5,
         backoff=0,
         **options,  # type: ignore[arg-type]
@@ -180,7 +181,13 @@ def test_rejects_wrong_data_key(parent: Parent) -> None:
 def test_rejects_bundle_of_another_model_before_asking_for_its_key(parent: Parent) -> None:
     keys = FixedKeys()
     with pytest.raises(BundleLoadError, match="this enclave serves"):
-        Unlocker(parent.address, keys, expected_model_id="someone/else:1", timeout=5).load("tiny")
+        Unlocker(
+            parent.address,
+            keys,
+            expected_model_id="someone/else:1",
+            expected_kms_key_id=META["kms_key_id"],
+            timeout=5,
+        ).load("tiny")
     assert keys.calls == []
 
 
@@ -313,3 +320,74 @@ def test_rejects_resume_with_a_different_manifest(tmp_path: Path) -> None:
 def test_parent_error_frame_is_a_typed_refusal(tmp_path: Path) -> None:
     refusal = ErrorPayload("Busy", "too many connections").frame()
     assert _hostile(tmp_path, [[refusal]]) is BundleLoadError
+
+
+def test_rejects_bundle_sealed_under_another_kms_key_before_asking_for_it(parent: Parent) -> None:
+    # a parent could seal a model of its own under a key it controls: the key pin refuses it
+    keys = FixedKeys()
+    with pytest.raises(BundleLoadError, match="another KMS key"):
+        Unlocker(
+            parent.address,
+            keys,
+            expected_model_id=MODEL_ID,
+            expected_kms_key_id="arn:aws:kms:us-east-1:999999999999:key/attacker",
+            timeout=5,
+        ).load("tiny")
+    assert keys.calls == []
+
+
+def test_rejects_rollback_to_another_bundle_when_the_manifest_is_pinned(parent: Parent) -> None:
+    with pytest.raises(BundleLoadError, match="pinned"):
+        unlocker(parent.address, expected_manifest_sha256=bytes(32)).load("tiny")
+    pinned = bytes.fromhex(META["manifest_sha256"])
+    assert unlocker(parent.address, expected_manifest_sha256=pinned).load("tiny").tensors
+
+
+def test_oversized_plaintext_is_refused_before_key_release(parent: Parent) -> None:
+    keys = FixedKeys()
+    with pytest.raises(BundleLoadError, match="at most"):
+        unlocker(parent.address, keys, max_plaintext_size=1024).load("tiny")
+    assert keys.calls == []
+
+
+def test_inflated_plaintext_size_is_caught_before_the_model_sized_allocation(
+    tmp_path: Path,
+) -> None:
+    # the parent edits plaintext_size (KMS still releases the key: the context is unchanged);
+    # chunk 0 then fails in a scratch buffer, before any large allocation
+    manifest = Manifest.from_cbor((VECTORS / "manifest.cbor").read_bytes())
+    import cbor2
+
+    fields = cbor2.loads(manifest.raw)
+    fields["plaintext_size"] = 3 * 1024**3
+    fields["chunk_count"] = -(-fields["plaintext_size"] // fields["chunk_size"])
+    inflated = Frame(FrameType.BUNDLE_MANIFEST, 0, cbor2.dumps(fields, canonical=True))
+    _, chunks, end = _frames()
+    server = HostileParent(tmp_path / "inflate.sock", [[inflated, *chunks, end]])
+    try:
+        import resource
+
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with pytest.raises(BundleIntegrityError, match="chunk 0"):
+            unlocker(server.address, max_plaintext_size=4 * 1024**3).load("tiny")
+        grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        assert grown_kib < 512 * 1024  # far below the 3 GiB the manifest declared
+    finally:
+        server.close()
+
+
+def test_whole_load_has_a_deadline(tmp_path: Path) -> None:
+    manifest, chunks, end = _frames()
+    server = HostileParent(tmp_path / "slow.sock", [[manifest, *chunks, end]])
+    try:
+        with pytest.raises(BundleLoadError, match="did not finish"):
+            Unlocker(
+                server.address,
+                FixedKeys(),
+                expected_model_id=MODEL_ID,
+                expected_kms_key_id=META["kms_key_id"],
+                timeout=1e-9,
+                total_timeout=1e-9,
+            ).load("tiny")
+    finally:
+        server.close()

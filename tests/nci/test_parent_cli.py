@@ -43,6 +43,7 @@ def test_serves_a_bundle_folder_to_the_enclave_until_sigterm(tmp_path: Path) -> 
                 parse_address(f"unix://{socket_path}"),
                 FixedKeys(),
                 expected_model_id=META["model_id"],
+                expected_kms_key_id=META["kms_key_id"],
                 timeout=10,
             )
             model = unlocker.load("tiny")
