@@ -10,7 +10,14 @@ One base class, split by who is at fault::
     │                          the frame format (type, size, layout)
     ├── TransportError         the transport failed: connection refused or closed, deadline passed
     │                          (retry may help)
-    └── ConfigError            our own configuration: an address that cannot be parsed, bad limits
+    ├── ConfigError            our own configuration: an address that cannot be parsed, bad limits
+    └── OhttpError             the request path: Oblivious HTTP, Binary HTTP, inference bodies
+        ├── MalformedMessage   bad or hostile input: a message, key configuration, BHTTP message
+        │                      or inference body that breaks its format (framing, sizes, fields)
+        ├── UnknownKeyId       the request names a key this server does not hold: the client
+        │                      should fetch the key configuration again (and re-attest)
+        └── DecapsulationError authentication failed: wrong key, tampered, reordered or truncated;
+                               one message for every cause, so it is no oracle
 
 Messages name the field and the rule ("chunk 7: authentication failed"); they never carry plaintext
 or key material.
@@ -21,10 +28,14 @@ from __future__ import annotations
 __all__ = [
     "BundleIntegrityError",
     "ConfigError",
+    "DecapsulationError",
     "FrameError",
     "MalformedBundle",
+    "MalformedMessage",
+    "OhttpError",
     "ProtocolError",
     "TransportError",
+    "UnknownKeyId",
 ]
 
 
@@ -50,3 +61,19 @@ class TransportError(ProtocolError):
 
 class ConfigError(ProtocolError):
     """Our own configuration is wrong: an unparseable address, impossible limits."""
+
+
+class OhttpError(ProtocolError):
+    """Base class of the request path's errors: Oblivious HTTP, Binary HTTP, inference bodies."""
+
+
+class MalformedMessage(OhttpError):
+    """A message, key configuration, BHTTP message or inference body breaks its format's rules."""
+
+
+class UnknownKeyId(OhttpError):
+    """The request names a key id this server does not hold; fetch the key configuration again."""
+
+
+class DecapsulationError(OhttpError):
+    """Authentication failed (wrong key, tampered, reordered, truncated); the cause is not told."""
