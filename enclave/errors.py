@@ -11,6 +11,8 @@ One base class, split by who is at fault::
     ├── MalformedEnvelope       hostile or wrong input: a CiphertextForRecipient that is not the
     │                           CMS EnvelopedData KMS sends to this enclave's key, or a KMS
     │                           response that carries Plaintext although a Recipient was sent
+    ├── InvalidWeights          a model weight file that breaks its rules (enclave.models.anymal)
+    ├── InvalidRequest          a generation request the model refuses (enclave.models.anymal)
     └── ConfigError             our own configuration: a bad key, timeout or argument
 
 Messages name the field and the rule ("keyEncryptionAlgorithm hash is sha1; KMS uses sha256");

@@ -21,6 +21,7 @@ from attestation.expectations import load_expectations
 from kms_policy import generate
 from kms_policy.errors import KmsPolicyError
 from nci._aws import client
+from nci.train import add_train_commands
 from protocol.bundle import DEFAULT_CHUNK_SIZE
 from protocol.errors import ProtocolError
 from provider import inspect, publish, seal
@@ -32,6 +33,7 @@ __all__ = ["add_parser"]
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     group = subparsers.add_parser("provider", help="seal and publish models (model providers)")
     commands = group.add_subparsers(dest="provider_command", metavar="COMMAND", required=True)
+    add_train_commands(commands)
     create = commands.add_parser(
         "create-key",
         help="create the KMS key whose policy releases the data key only to attested enclaves",

@@ -1,0 +1,101 @@
+"""``nci provider train-demo`` and ``nci provider eval-demo``: the built-in AnyMAL shapes model.
+
+``train-demo`` runs the three AnyMAL stages (enclave/models/train.py) and writes
+``anymal-shapes.safetensors`` and ``model-card.md`` to ``--out``; ``eval-demo`` measures a weights
+file's exact-match accuracy on fresh held-out questions next to the text-only ("blind") baseline.
+Progress goes to stderr; results to stdout; errors are one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+__all__ = ["add_train_commands"]
+
+
+def add_train_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``train-demo`` and ``eval-demo`` to the ``nci provider`` subcommands."""
+    train = commands.add_parser(
+        "train-demo",
+        help="train the built-in AnyMAL shapes demo model (2 CPU cores, under 30 minutes)",
+    )
+    train.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    train.add_argument("--seed", type=int, default=0, help="makes the run reproducible")
+    train.add_argument(
+        "--eval-n", type=int, default=1000, metavar="N", help="held-out questions for the card"
+    )
+    train.set_defaults(handler=_train)
+    evaluate = commands.add_parser(
+        "eval-demo", help="measure a demo model's accuracy on fresh held-out questions"
+    )
+    evaluate.add_argument("weights", type=Path, metavar="WEIGHTS", help="a .safetensors file")
+    evaluate.add_argument("--n", type=int, default=500, help="questions to ask")
+    evaluate.add_argument("--seed", type=int, default=1, help="which fresh questions")
+    evaluate.set_defaults(handler=_eval)
+
+
+def _train(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from enclave.models.train import train  # torch loads only when the command runs
+
+    if args.eval_n < 1:
+        return _fail(err, "--eval-n must be at least 1")
+    report = train(args.out, seed=args.seed, progress=_progress_bar(err), eval_n=args.eval_n)
+    out.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def _eval(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import torch
+
+    from enclave.models.anymal import AnyMAL, InvalidWeights
+    from enclave.models.train import blind_baseline, evaluate
+
+    if args.n < 1:
+        return _fail(err, "--n must be at least 1")
+    torch.set_num_threads(2)
+    try:
+        model = AnyMAL.from_safetensors(args.weights.read_bytes())
+    except OSError as exc:
+        return _fail(err, f"{args.weights}: cannot read ({exc.strerror or exc})")
+    except InvalidWeights as exc:
+        return _fail(err, f"{args.weights}: {exc}")
+    result = {
+        "model": evaluate(model, args.n, args.seed),
+        "blind": blind_baseline(args.n, args.seed),
+    }
+    out.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def _fail(err: TextIO, message: str) -> int:
+    err.write(f"error: {message}\n")
+    return 2
+
+
+def _progress_bar(err: TextIO) -> Callable[[str, int, int], None]:
+    """A text bar per training stage on a terminal; otherwise one line per 10%."""
+    tty = err.isatty()
+    shown: dict[str, int] = {}
+
+    def show(stage: str, done: int, total: int) -> None:
+        percent = 100 if total <= 0 else done * 100 // total
+        last = shown.get(stage, -1)
+        if tty:
+            if percent == last:
+                return
+            filled = percent * 30 // 100
+            err.write(f"\r{stage:>8} [{'#' * filled}{'.' * (30 - filled)}] {percent:3d}%")
+            if done >= total:
+                err.write("\n")
+        else:
+            if last >= 0 and percent // 10 == last // 10:
+                return
+            err.write(f"{stage}: {percent}%\n")
+        err.flush()
+        shown[stage] = percent
+
+    return show

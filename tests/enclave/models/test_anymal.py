@@ -1,0 +1,314 @@
+"""The built-in AnyMAL shapes model: data generator, tokenizer, model, generation, weights."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from enclave.models import _safetensors, shapes
+from enclave.models.anymal import AnyMAL, AnyMALConfig, InvalidRequest, InvalidWeights
+from enclave.models.tokenizer import VOCAB, Tokenizer
+from enclave.models.train import blind_baseline, evaluate
+
+WEIGHTS = Path(__file__).parents[3] / "enclave" / "models" / "weights" / "anymal-shapes.safetensors"
+TINY = AnyMALConfig(
+    vocab_size=len(VOCAB),
+    vit_dim=32,
+    vit_layers=1,
+    vit_heads=2,
+    clip_dim=16,
+    n_latents=4,
+    resampler_layers=1,
+    dim=32,
+    n_layers=2,
+    n_heads=2,
+    ffn_hidden=64,
+)
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny() -> AnyMAL:
+    torch.manual_seed(0)
+    model = AnyMAL(TINY).eval()
+    # sharpen the random output layer so greedy decoding is not flat, and silence the special
+    # tokens (logit 0) so that it emits words rather than stopping at once
+    with torch.no_grad():
+        model.lm.embed.weight.mul_(20)
+        model.lm.embed.weight[:6] = 0
+    return model
+
+
+def _image(seed: int = 0) -> torch.Tensor:
+    scene = shapes.sample_scene(random.Random(seed), "heldout")
+    return torch.from_numpy(shapes.render(scene))
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def test_generator_is_deterministic() -> None:
+    a, b = shapes.sample_qa(3, 60, "train"), shapes.sample_qa(3, 60, "train")
+    assert a == b
+    assert all(
+        (shapes.render(x.scene) == shapes.render(y.scene)).all() for x, y in zip(a, b, strict=True)
+    )
+    assert a != shapes.sample_qa(4, 60, "train")
+    assert {s.qtype for s in a} == set(shapes.QUESTION_TYPES)
+
+
+def test_held_out_combos_never_in_training() -> None:
+    samples = shapes.sample_qa(0, 3000, "train")
+    for s in samples:
+        assert not s.scene.has_held_out()
+        assert not s.unseen
+        assert not any(f"{c} {h}" in s.question for c, h in shapes.HELD_OUT_COMBOS)
+    held = shapes.sample_qa(0, 600, "heldout")
+    assert sum(s.scene.has_held_out() for s in held) > 200
+    assert sum(s.unseen for s in held) > 50
+
+
+def test_answers_follow_from_the_scene() -> None:
+    for s in shapes.sample_qa(1, 300, "heldout"):
+        objs = s.scene.objects
+        assert len({o.position for o in objs}) == len(objs)
+        if s.qtype == "where":
+            assert any(o.position == s.answer for o in objs)
+        if s.qtype == "exists":
+            colour, shape = s.question.split()[3:5]
+            present = any((o.colour, o.shape) == (colour, shape) for o in objs)
+            assert s.answer == ("yes" if present else "no")
+
+
+def test_render_shape_and_range() -> None:
+    image = shapes.render(shapes.sample_scene(random.Random(0), "train"))
+    assert image.shape == (3, 32, 32)
+    assert image.dtype.name == "float32"
+    assert image.min() >= 0.0
+    assert 0.0 < image.max() <= 1.0
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def test_vocab_covers_every_generated_word() -> None:
+    tok = Tokenizer()
+    for word in shapes.WORDS:
+        assert word in tok.ids
+    for s in shapes.sample_qa(2, 300, "heldout"):
+        text = f"{s.question} {s.answer} {shapes.caption(s.scene)}"
+        assert tok.unk not in tok.encode(text)
+
+
+def test_tokenizer_round_trip() -> None:
+    tok = Tokenizer()
+    text = "what colour is the circle ?"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode("WHAT colour is the circle?")) == text
+    ids = tok.encode("<bos> <image> where is the red square ? <sep>")
+    assert ids[:2] == [tok.bos, tok.image]
+    assert tok.decode(ids) == "where is the red square ?"
+
+
+def test_tokenizer_unknown_word_and_bad_id() -> None:
+    tok = Tokenizer()
+    assert tok.encode("what is a banana") == [tok.ids["what"], tok.ids["is"], tok.ids["a"], tok.unk]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([len(VOCAB)])
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def test_forward_shapes(tiny: AnyMAL) -> None:
+    tok = Tokenizer()
+    ids = torch.tensor([[tok.bos, tok.image, *tok.encode("how many shapes are there ?"), tok.sep]])
+    ids = ids.repeat(2, 1)  # (2, T)
+    images = torch.stack([_image(0), _image(1)])
+    assert tiny.vision(images).shape == (2, 16, TINY.vit_dim)
+    assert tiny.image_tokens(images).shape == (2, TINY.n_latents, TINY.dim)
+    logits = tiny(ids, images, tok.image)
+    assert logits.shape == (2, ids.shape[1] - 1 + TINY.n_latents, len(VOCAB))
+
+
+def test_rejects_prompt_without_exactly_one_image(tiny: AnyMAL) -> None:
+    tok = Tokenizer()
+    ids = torch.tensor([[tok.bos, tok.image, tok.image, tok.sep]])
+    with pytest.raises(InvalidRequest, match="exactly one"):
+        tiny(ids, _image()[None], tok.image)
+    with pytest.raises(InvalidRequest, match="exactly one"):
+        tiny.generate(tok, _image(), "<image> <image> how many")
+
+
+@pytest.mark.parametrize(
+    ("image", "kwargs", "match"),
+    [
+        (torch.rand(3, 16, 16), {}, "shape"),
+        (torch.full((3, 32, 32), float("nan")), {}, "finite"),
+        (torch.full((3, 32, 32), 2.0), {}, r"\[0, 1\]"),
+        (torch.rand(3, 32, 32), {"max_tokens": 0}, "max_tokens"),
+        (torch.rand(3, 32, 32), {"temperature": -1.0}, "temperature"),
+        (torch.rand(3, 32, 32), {"top_p": 0.0}, "top_p"),
+        (torch.rand(3, 32, 32), {"stop": [""]}, "stop"),
+    ],
+)
+def test_rejects_bad_requests(
+    tiny: AnyMAL, image: torch.Tensor, kwargs: dict[str, object], match: str
+) -> None:
+    with pytest.raises(InvalidRequest, match=match):
+        tiny.generate(Tokenizer(), image, "how many shapes are there ?", **kwargs)
+
+
+def test_stream_checks_inputs_before_the_first_piece(tiny: AnyMAL) -> None:
+    with pytest.raises(InvalidRequest, match="top_p"):
+        tiny.stream(Tokenizer(), _image(), "how many shapes are there ?", top_p=2.0)
+    with pytest.raises(InvalidRequest, match="longer than"):
+        tiny.stream(Tokenizer(), _image(), "what " * 1000)
+
+
+def _no_cache_greedy(model: AnyMAL, image: torch.Tensor, prompt: str, n: int) -> list[int]:
+    tok = Tokenizer()
+    ids = [tok.bos, tok.image, *tok.encode(prompt), tok.sep]
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = model(torch.tensor([ids + out]), image[None], tok.image)[0, -1]
+            token = int(logits.argmax())
+            if token == tok.eos:
+                break
+            out.append(token)
+    return out
+
+
+def test_kv_cache_generation_equals_full_recompute(tiny: AnyMAL) -> None:
+    tok = Tokenizer()
+    for seed in range(3):
+        image = _image(seed)
+        expected = _no_cache_greedy(tiny, image, "describe the image ?", 12)
+        got = tiny.generate(tok, image, "describe the image ?", max_tokens=12)
+        assert got == tok.decode(expected)
+        assert len(expected) > 3  # the comparison covers several cached steps
+
+
+def test_max_tokens_and_stop_strings(tiny: AnyMAL) -> None:
+    tok = Tokenizer()
+    image = _image(0)
+    words = tok.decode(_no_cache_greedy(tiny, image, "describe the image ?", 12)).split()
+    assert len(words) >= 4
+    assert tiny.generate(tok, image, "describe the image ?", max_tokens=2) == " ".join(words[:2])
+    stop = f"{words[2]}"
+    cut = " ".join(words[:2]) + " "
+    full = " ".join(words)
+    expected = full[: full.find(stop)]
+    assert tiny.generate(tok, image, "describe the image ?", max_tokens=12, stop=[stop]) == expected
+    assert expected.startswith(cut[: len(expected)])
+    pieces = list(tiny.stream(tok, image, "describe the image ?", max_tokens=12))
+    assert "".join(pieces) == full
+    assert len(pieces) == len(words)
+
+
+def test_sampling_is_seeded_and_top_p_tiny_is_greedy(tiny: AnyMAL) -> None:
+    tok = Tokenizer()
+    image = _image(1)
+
+    def sample(seed: int, **kw: float) -> str:
+        g = torch.Generator().manual_seed(seed)
+        return tiny.generate(tok, image, "describe the image ?", max_tokens=8, generator=g, **kw)
+
+    assert sample(5, temperature=1.0) == sample(5, temperature=1.0)
+    greedy = tiny.generate(tok, image, "describe the image ?", max_tokens=8)
+    assert sample(5, temperature=1.0, top_p=1e-6) == greedy
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def test_safetensors_round_trip(tiny: AnyMAL) -> None:
+    data = tiny.to_safetensors()
+    again = AnyMAL.from_safetensors(data)
+    assert again.cfg == tiny.cfg
+    for (name, a), (_, b) in zip(
+        tiny.state_dict().items(), again.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert again.to_safetensors() == data
+
+
+def _rewrite(data: bytes, change: str) -> bytes:
+    tensors, metadata = _safetensors.loads(data)
+    if change == "missing":
+        tensors.pop("lm.norm.weight")
+    elif change == "extra":
+        tensors["lm.head.weight"] = torch.zeros(2, 2)
+    elif change == "shape":
+        tensors["lm.norm.weight"] = torch.ones(TINY.dim + 1)
+    elif change == "nan":
+        tensors["lm.norm.weight"] = torch.full((TINY.dim,), float("nan"))
+    elif change == "config":
+        metadata["config"] = metadata["config"].replace('"n_layers": 2', '"n_layers": 3')
+    return _safetensors.dumps(tensors, metadata)
+
+
+@pytest.mark.parametrize("change", ["missing", "extra", "shape", "nan", "config"])
+def test_rejects_weights_not_matching_config(tiny: AnyMAL, change: str) -> None:
+    with pytest.raises(InvalidWeights):
+        AnyMAL.from_safetensors(_rewrite(tiny.to_safetensors(), change))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xff" * 8,
+        (2).to_bytes(8, "little") + b"[]",
+        (4).to_bytes(8, "little") + b"{}  ",
+        (2).to_bytes(8, "little") + b"{}" + b"x",  # buffer bytes no tensor indexes
+    ],
+    ids=["empty", "huge-header", "not-object", "no-config", "unindexed-bytes"],
+)
+def test_rejects_malformed_safetensors(data: bytes) -> None:
+    with pytest.raises(InvalidWeights):
+        AnyMAL.from_safetensors(data)
+
+
+def test_safetensors_rejects_overlapping_tensors() -> None:
+    header = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+    header += b'"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    data = len(header).to_bytes(8, "little") + header + b"\0" * 4
+    with pytest.raises(ValueError, match="overlap"):
+        _safetensors.loads(data)
+
+
+# ---------------------------------------------------------------------------- shipped weights
+
+
+@pytest.mark.skipif(not WEIGHTS.exists(), reason="shipped weights not built yet")
+def test_shipped_weights_answer_held_out_questions() -> None:
+    """The shipped model answers 60 fresh held-out questions (incl. unseen combinations).
+
+    Floor 0.4: the shipped model measures 0.55 on 1000 held-out questions (model-card.md) and the
+    best text-only ("blind") answerer 0.27. On 60 questions the binomial standard deviation at
+    p = 0.55 is about 0.064, so 0.4 sits more than two deviations below the model and still well
+    above blind. Raise it (e.g. to 0.8) once the shipped model reaches 0.95.
+    """
+    model = AnyMAL.from_safetensors(WEIGHTS.read_bytes())
+    assert WEIGHTS.stat().st_size <= 20 * 1024 * 1024
+    accuracy = evaluate(model, 60, seed=123)
+    blind = blind_baseline(60, seed=123, train_samples=3000)
+    assert accuracy["overall"] >= 0.4
+    assert accuracy["overall"] > blind["overall"] + 0.1
+    tok = Tokenizer()
+    scene = shapes.Scene((shapes.Obj("red", "circle", "top left", 12, 2, 2),))  # a held-out combo
+    image = torch.from_numpy(shapes.render(scene))
+    assert model.generate(tok, image, "how many shapes are there ?") == "one"
