@@ -17,7 +17,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ from cryptography.hazmat.primitives import padding as sym_padding
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -55,6 +54,7 @@ from enclave.keyrelease import (
     unwrap_ciphertext_for_recipient,
 )
 from kms_policy.recipient import envelope_for_recipient
+from tests.x509util import self_signed
 
 OPENSSL = shutil.which("openssl")
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="openssl is not on PATH")
@@ -85,29 +85,15 @@ def envelope(key: rsa.RSAPrivateKey) -> bytes:
 # -- helpers: openssl ---------------------------------------------------------------------------
 
 
-def self_signed(private: rsa.RSAPrivateKey) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nci test enclave")])
-    now = datetime.now(UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(private.public_key())
-        .serial_number(7)
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(private.public_key()), False)
-        .sign(private, hashes.SHA256())
-    )
-
-
 def openssl_encrypt(
     private: rsa.RSAPrivateKey, folder: Path, plaintext: bytes, *options: str
 ) -> bytes:
     """``openssl cms -encrypt`` of ``plaintext`` for a self-signed certificate of ``private``."""
     assert OPENSSL is not None
     cert_path = folder / "cert.pem"
-    cert_path.write_bytes(self_signed(private).public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(
+        self_signed(private, "nci test enclave").public_bytes(serialization.Encoding.PEM)
+    )
     done = subprocess.run(
         # -keyid must come before -recip, -keyopt after it (it applies to the last recipient)
         [

@@ -14,14 +14,11 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 
 from kms_policy.recipient import (
     CONTENT_CHUNK_SIZE,
@@ -30,6 +27,7 @@ from kms_policy.recipient import (
     recipient_public_key,
     subject_key_identifier,
 )
+from tests.x509util import self_signed
 
 OPENSSL = shutil.which("openssl")
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="openssl is not on PATH")
@@ -118,22 +116,6 @@ def walk_all(node: Node) -> Iterator[Node]:
 # -- openssl ------------------------------------------------------------------------------------
 
 
-def self_signed(private: rsa.RSAPrivateKey) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nci test recipient")])
-    now = datetime.now(UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(private.public_key())
-        .serial_number(1)
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(private.public_key()), False)
-        .sign(private, hashes.SHA256())
-    )
-
-
 def openssl(*args: str, data: bytes = b"") -> bytes:
     assert OPENSSL is not None
     done = subprocess.run([OPENSSL, *args], input=data, capture_output=True, check=False)
@@ -150,7 +132,9 @@ def write_key_and_cert(private: rsa.RSAPrivateKey, folder: Path) -> tuple[Path, 
             serialization.NoEncryption(),
         )
     )
-    cert_path.write_bytes(self_signed(private).public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(
+        self_signed(private, "nci test recipient").public_bytes(serialization.Encoding.PEM)
+    )
     return key_path, cert_path
 
 
