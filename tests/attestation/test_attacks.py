@@ -58,11 +58,12 @@ def _with_cabundle(transform: Callable[[list[bytes]], list[bytes]]) -> Callable[
     return lambda: with_payload_fields(DOC, cabundle=transform(payload_map(DOC)["cabundle"]))
 
 
-def _foreign_root() -> bytes:
+def _foreign_root(*critical_extensions: x509.ExtensionType) -> bytes:
+    """A self-signed P-384 CA that is not AWS's root (optionally with extra critical extensions)."""
     key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "aws.nitro-enclaves")])
     now = datetime(2020, 1, 1, tzinfo=UTC)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -71,9 +72,10 @@ def _foreign_root() -> bytes:
         .not_valid_before(now)
         .not_valid_after(now + timedelta(days=36500))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA384())
     )
-    return cert.public_bytes(serialization.Encoding.DER)
+    for extension in critical_extensions:
+        builder = builder.add_extension(extension, critical=True)
+    return builder.sign(key, hashes.SHA384()).public_bytes(serialization.Encoding.DER)
 
 
 def _pcrs_with(index: int, value: object) -> dict[object, object]:
@@ -219,25 +221,8 @@ def test_mutated_real_document_raises_only_attestation_errors(flips: list[tuple[
 def test_rejects_certificate_with_unknown_critical_extension() -> None:
     from cryptography.x509.oid import ObjectIdentifier
 
-    key = ec.generate_private_key(ec.SECP384R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "root")])
-    start = datetime(2020, 1, 1, tzinfo=UTC)
-    root = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(start)
-        .not_valid_after(start + timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.UnrecognizedExtension(ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00"),
-            critical=True,
-        )
-        .sign(key, hashes.SHA384())
-    )
-    der = root.public_bytes(serialization.Encoding.DER)
+    unknown = x509.UnrecognizedExtension(ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00")
+    der = _foreign_root(unknown)
     tampered = with_payload_fields(DOC, cabundle=[der, *payload_map(DOC)["cabundle"][1:]])
     with pytest.raises(ChainInvalid, match="critical extension"):
         verify(tampered, roots=[*AWS, TrustRoot("local", der)], now=just_after(1),
