@@ -33,7 +33,14 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from protocol._cbor import CborRejected, canonical_dumps, strict_loads
-from protocol.bhttp import Request, decode_request, encode_request
+from protocol.bhttp import (
+    Request,
+    Response,
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_response,
+)
 from protocol.errors import MalformedMessage
 
 __all__ = [
@@ -55,7 +62,9 @@ __all__ = [
     "encode_response_body",
     "encode_stream_piece",
     "http_request",
+    "http_response",
     "parse_http_request",
+    "parse_http_response",
 ]
 
 VERSION: Final = 1
@@ -445,3 +454,28 @@ def parse_http_request(data: bytes) -> InferenceRequest:
     if request.trailers:
         raise MalformedMessage("request must not carry trailer fields")
     return decode_request_body(request.content)
+
+
+def http_response(body: InferenceResponse) -> bytes:
+    """The BHTTP 200 response carrying ``body`` (the plaintext of a non-streamed OHTTP response)."""
+    return encode_response(
+        Response(
+            status=200,
+            headers=(("content-type", CONTENT_TYPE),),
+            content=encode_response_body(body),
+        )
+    )
+
+
+def parse_http_response(data: bytes) -> InferenceResponse:
+    """Decode the BHTTP response of :func:`http_response` and its body. ``data`` is untrusted (it
+    comes from the server, through the consumer's decapsulation). Anything but a 200 response
+    with a CBOR body is refused."""
+    response = decode_response(data)
+    if response.status != 200:
+        raise MalformedMessage(f"response status is {response.status}, not 200")
+    if response.header("content-type") != CONTENT_TYPE:
+        raise MalformedMessage(f"response content-type must be {CONTENT_TYPE}")
+    if response.trailers:
+        raise MalformedMessage("response must not carry trailer fields")
+    return decode_response_body(response.content)
