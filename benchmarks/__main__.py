@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import sys
 
-from benchmarks import attestation_verify, unlock
+from benchmarks import attestation_verify, hop, model, unlock
 
 
 def main() -> int:
     results = {
         "attestation_verify": attestation_verify.run(),
         "unlock": unlock.run(size_mb=256, rounds=3),
+        "hop": hop.run(round_trips=2000, bulk_mb=64, repeats=3),
+        "model": model.run(samples=200, rounds=3),
     }
     if "--json" in sys.argv[1:]:
         print(json.dumps(results, indent=2))

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from nci import audit, demo, kms, parent, provider
+from nci import audit, consumer, demo, enclave, kms, parent, provider
 
 __all__ = ["main"]
 
@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     audit.add_parser(groups)
+    consumer.add_parser(groups)
     demo.add_parser(groups)
+    enclave.add_parser(groups)
     kms.add_parser(groups)
     parent.add_parser(groups)
     provider.add_parser(groups)

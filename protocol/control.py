@@ -132,6 +132,7 @@ class Health:
         if self.step > self.steps:
             raise FrameError("health step must not exceed steps")
         _text(self.name, "health name", _MAX_NAME, _NAME)
+        _text(self.error, "health error", _MAX_NAME)  # the type, also when empty
         if self.error:
             _text(self.error, "health error", _MAX_NAME, _CODE)
         if type(self.key_id) is not int or not 0 <= self.key_id <= 255:

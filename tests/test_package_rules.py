@@ -80,9 +80,25 @@ PUBLIC_API: dict[str, list[str]] = {
         "write_frame",
     ],
     "enclave": [],
-    "parent": ["BundleSource", "BundleStreamer", "FolderSource", "S3Source"],
+    "parent": [
+        "BridgeLimits",
+        "BundleSource",
+        "BundleStreamer",
+        "CredentialsForwarder",
+        "EnclaveError",
+        "EnclaveLink",
+        "FolderSource",
+        "KmsRelay",
+        "LocalLauncher",
+        "NitroLauncher",
+        "ParentConfig",
+        "S3Source",
+        "create_app",
+        "load_config",
+        "start_bridge",
+    ],
     "provider": ["inspect", "publish", "seal"],
-    "consumer": [],
+    "consumer": ["AsyncClient", "AsyncStream", "Attestation", "Client", "Completion", "Stream"],
 }
 
 

@@ -1,0 +1,314 @@
+"""Verify an enclave's attestation for a consumer, and bind its request-encryption key to it.
+
+Pure apart from reading expectation and root files: the transport (``consumer.client``) fetches the
+document for a fresh nonce, and :func:`verify_attestation` decides, at a given ``now``:
+
+1. the document verifies (:func:`attestation.verify`): parse, chain to a trusted root, validity at
+   ``now``, ES384 signature, debug mode refused, the PCRs match an expected set, the nonce is ours,
+   the document is at most ``max_age`` old (AWS attestation process §3; docs/attestation.md);
+2. ``user_data`` is exactly the CBOR map ``{"v": 1, "ohttp_key_config": bytes, "model_id": text,
+   "manifest_sha256": bytes(32)}`` (docs/request-path.md, "Attestation for consumers"), decoded
+   strictly: one item, no trailing bytes, no duplicate or unknown keys, no tags;
+3. the key configuration is one RFC 9458 §3.1 configuration with a suite we implement, and its
+   X25519 public key equals the document's ``public_key``: only then does encrypting to it mean
+   encrypting to the measured enclave.
+
+Every failure is :class:`~consumer.errors.AttestationFailed` naming the rule.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Final
+
+from attestation import ExpectedMeasurements, Nonce, PcrSet, Policy, TrustRoot, verify
+from attestation.errors import AttestationError
+from attestation.errors import ConfigError as AttestationConfigError
+from attestation.expectations import load_expectations
+from attestation.policy import ExpectedNonce, MaxAge
+from attestation.verify import VerifiedAttestation
+from consumer.errors import AttestationFailed, ConfigError
+from protocol._cbor import CborRejected, strict_loads
+from protocol.errors import MalformedMessage
+from protocol.ohttp import KeyConfig
+
+__all__ = [
+    "DEFAULT_MAX_AGE",
+    "USER_DATA_VERSION",
+    "Attestation",
+    "Expectation",
+    "RootSource",
+    "load_measurements",
+    "load_roots",
+    "parse_user_data",
+    "verify_attestation",
+]
+
+USER_DATA_VERSION: Final = 1
+DEFAULT_MAX_AGE: Final = timedelta(minutes=5)
+MAX_MODEL_ID: Final = 256  # characters
+_MANIFEST_DIGEST_SIZE: Final = 32  # SHA-256
+_USER_DATA_KEYS: Final = frozenset({"v", "ohttp_key_config", "model_id", "manifest_sha256"})
+_MAX_ROOT_PEM: Final = 16 * 1024
+
+Expectation = ExpectedMeasurements | PcrSet | Mapping[int, bytes] | str | os.PathLike[str]
+"""Expected measurements: the type itself, one PCR set, or the path of an ``--expect`` file."""
+
+RootSource = bytes | str | os.PathLike[str]
+"""A local root: its PEM bytes, or the path of its PEM file."""
+
+
+@dataclass(frozen=True)
+class Attestation:
+    """A verified attestation and what it binds: the enclave's OHTTP key, model and bundle.
+
+    Only :func:`verify_attestation` makes these; requests are encrypted to nothing else.
+    """
+
+    verified: VerifiedAttestation
+    key_config: bytes  # the RFC 9458 key configuration, as attested
+    key_id: int
+    model_id: str
+    manifest_sha256: bytes
+    nonce: bytes
+    max_age: timedelta
+
+    @property
+    def module_id(self) -> str:
+        return self.verified.module_id
+
+    @property
+    def timestamp(self) -> datetime:
+        return self.verified.timestamp
+
+    @property
+    def verified_at(self) -> datetime:
+        return self.verified.verified_at
+
+    @property
+    def age(self) -> timedelta:
+        """How old the document was when it was verified (never negative)."""
+        return max(self.verified_at - self.timestamp, timedelta(0))
+
+    @property
+    def pcrs(self) -> Mapping[int, bytes]:
+        return self.verified.pcrs
+
+    @property
+    def root(self) -> str:
+        return self.verified.root.name
+
+    @property
+    def is_nitro_hardware(self) -> bool:
+        """False when the document chains to a local (emulator) root: no Nitro hardware."""
+        return self.verified.is_nitro_hardware
+
+    def expired(self, now: datetime) -> bool:
+        """Whether the document is older than ``max_age`` at ``now``: then attest again."""
+        return now - self.timestamp > self.max_age
+
+    def checks(self) -> list[tuple[str, str]]:
+        """Every check that held, as ``(name, detail)``, in the order they ran."""
+        out = [(c.name, c.detail) for c in self.verified.checks]
+        out.append(
+            (
+                "user data",
+                f"v{USER_DATA_VERSION}: model {self.model_id}, "
+                f"manifest sha256 {self.manifest_sha256.hex()}",
+            )
+        )
+        out.append(
+            (
+                "key binding",
+                f"OHTTP key id {self.key_id}: its X25519 key is the document's public_key",
+            )
+        )
+        return out
+
+    def describe(self) -> list[str]:
+        """A few lines for a person: what was verified, and what that means."""
+        checks = dict(self.checks())
+        lines = [
+            f"measurements: {checks.get('measurements', 'checked')}",
+            f"module:       {_printable(self.module_id)}",
+            f"document:     {self.age.total_seconds():.0f} s old at verification "
+            f"(maximum {self.max_age.total_seconds():.0f} s), fresh nonce echoed",
+            f"OHTTP key:    id {self.key_id}, bound to the document's public_key",
+            f"model:        {_printable(self.model_id)}",
+            f"manifest:     sha256 {self.manifest_sha256.hex()}",
+        ]
+        if self.is_nitro_hardware:
+            lines.append("root:         AWS Nitro Enclaves root G1 (Nitro hardware)")
+        else:
+            lines.append(
+                f"root:         {self.root}: NOT Nitro hardware (a local emulator's document; "
+                "it proves nothing about an AWS enclave)"
+            )
+        return lines
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "valid": True,
+            "module_id": self.module_id,
+            "timestamp": self.verified.document.timestamp_ms,
+            "age_seconds": round(self.age.total_seconds(), 3),
+            "max_age_seconds": self.max_age.total_seconds(),
+            "pcrs": {str(i): v.hex() for i, v in sorted(self.pcrs.items())},
+            "root": self.root,
+            "nitro_hardware": self.is_nitro_hardware,
+            "verified_at": self.verified_at.isoformat(),
+            "nonce": self.nonce.hex(),
+            "key_id": self.key_id,
+            "model_id": self.model_id,
+            "manifest_sha256": self.manifest_sha256.hex(),
+            "checks": [{"name": n, "ok": True, "detail": d} for n, d in self.checks()],
+        }
+
+
+def verify_attestation(
+    raw: bytes,
+    *,
+    nonce: Nonce,
+    measurements: ExpectedMeasurements,
+    roots: Sequence[TrustRoot],
+    now: datetime,
+    max_age: timedelta = DEFAULT_MAX_AGE,
+) -> Attestation:
+    """Verify ``raw`` (untrusted: it comes through the parent) as the answer to ``nonce``.
+
+    Raises :class:`AttestationFailed` for any refused rule, :class:`ConfigError` for our own
+    configuration (no root, an impossible ``max_age``).
+    """
+    if not isinstance(measurements, ExpectedMeasurements):
+        raise ConfigError("measurements must be ExpectedMeasurements")
+    # (1) the document: chain, validity, signature, debug mode, PCRs, nonce, age
+    try:
+        policy = Policy(measurements, extra=(ExpectedNonce(nonce), MaxAge(max_age)))
+        verified = verify(raw, roots=roots, now=now, policy=policy)
+    except AttestationConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    except AttestationError as exc:
+        raise AttestationFailed(f"attestation refused: {exc}", reason=type(exc).__name__) from exc
+    # (2) user_data: the enclave's key configuration, model and bundle, strictly decoded
+    if verified.user_data is None:
+        raise AttestationFailed("the document carries no user_data", reason="UserDataInvalid")
+    key_config, model_id, manifest_sha256 = parse_user_data(verified.user_data)
+    # (3) the key configuration's public key is the document's public_key
+    try:
+        config = KeyConfig.from_bytes(key_config)
+        config.suite()
+    except MalformedMessage as exc:
+        raise AttestationFailed(
+            f"user_data.ohttp_key_config: {exc}", reason="UserDataInvalid"
+        ) from None
+    public_key = verified.public_key
+    if public_key is None or not hmac.compare_digest(config.public_key, public_key):
+        raise AttestationFailed(
+            "the OHTTP key configuration's public key differs from the document's public_key: "
+            "the key is not bound to this enclave",
+            reason="KeyBindingMismatch",
+        )
+    return Attestation(
+        verified=verified,
+        key_config=key_config,
+        key_id=config.key_id,
+        model_id=model_id,
+        manifest_sha256=manifest_sha256,
+        nonce=nonce.value,
+        max_age=max_age,
+    )
+
+
+def parse_user_data(data: bytes) -> tuple[bytes, str, bytes]:
+    """``(ohttp_key_config, model_id, manifest_sha256)`` from a document's ``user_data``.
+
+    ``data`` is signed by the enclave's NSM but still checked field by field: exactly the four
+    keys, ``v`` = 1, a 32-byte digest, a printable model id of 1..256 characters.
+    """
+
+    def refuse(rule: str) -> AttestationFailed:
+        return AttestationFailed(f"user_data: {rule}", reason="UserDataInvalid")
+
+    try:
+        value = strict_loads(data, max_depth=1)
+    except CborRejected as exc:
+        raise refuse(str(exc)) from None
+    if type(value) is not dict:
+        raise refuse("must be a CBOR map")
+    if set(value) != _USER_DATA_KEYS:
+        missing = sorted(_USER_DATA_KEYS - set(value))
+        raise refuse(f"missing keys {missing}, {len(set(value) - _USER_DATA_KEYS)} unknown keys")
+    if type(value["v"]) is not int or value["v"] != USER_DATA_VERSION:
+        raise refuse(f"v must be {USER_DATA_VERSION}")
+    key_config = value["ohttp_key_config"]
+    if type(key_config) is not bytes:
+        raise refuse("ohttp_key_config must be bytes")
+    model_id = value["model_id"]
+    if type(model_id) is not str or not 0 < len(model_id) <= MAX_MODEL_ID:
+        raise refuse(f"model_id must be text of 1..{MAX_MODEL_ID} characters")
+    if not model_id.isprintable():
+        raise refuse("model_id must be printable")
+    digest = value["manifest_sha256"]
+    if type(digest) is not bytes or len(digest) != _MANIFEST_DIGEST_SIZE:
+        raise refuse(f"manifest_sha256 must be {_MANIFEST_DIGEST_SIZE} bytes")
+    return key_config, model_id, digest
+
+
+def load_measurements(expect: Expectation) -> ExpectedMeasurements:
+    """Expected measurements from ``expect``: the type itself, one PCR set (a :class:`PcrSet` or
+    a mapping of index to 48 bytes), or the path of an ``--expect`` YAML/JSON file."""
+    try:
+        if isinstance(expect, ExpectedMeasurements):
+            return expect
+        if isinstance(expect, PcrSet):
+            return ExpectedMeasurements((expect,))
+        if isinstance(expect, str | os.PathLike):
+            return ExpectedMeasurements(tuple(load_expectations(Path(expect))))
+        if isinstance(expect, Mapping):
+            return ExpectedMeasurements((PcrSet(expect),))
+    except AttestationConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    raise ConfigError(
+        "expect must be ExpectedMeasurements, a PCR set, or the path of an expectation file"
+    )
+
+
+def load_roots(
+    roots: Sequence[TrustRoot] | None = None, trust_local_root: RootSource | None = None
+) -> tuple[TrustRoot, ...]:
+    """The roots to trust: ``roots`` (default: the pinned AWS Nitro root G1), plus a local
+    (emulator) root only when ``trust_local_root`` names it (PEM bytes or a PEM file's path)."""
+    try:
+        chosen = list(roots) if roots is not None else [TrustRoot.aws_nitro_g1()]
+        if trust_local_root is not None:
+            if isinstance(trust_local_root, bytes):
+                pem = trust_local_root
+            else:
+                pem = _read_bounded(Path(trust_local_root))
+            chosen.append(TrustRoot.local(pem))
+    except AttestationConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    if not chosen or not all(isinstance(r, TrustRoot) for r in chosen):
+        raise ConfigError("roots must be a non-empty sequence of TrustRoot")
+    return tuple(chosen)
+
+
+def _read_bounded(path: Path) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(_MAX_ROOT_PEM + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read local root {path}: {exc.strerror}") from None
+    if len(data) > _MAX_ROOT_PEM:
+        raise ConfigError(f"local root {path} is larger than {_MAX_ROOT_PEM} bytes")
+    return data
+
+
+def _printable(text: str) -> str:
+    """Escape anything a terminal could interpret (the module id is chosen by the other side)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)

@@ -1,0 +1,672 @@
+"""The parent's side of the control connection to the enclave (docs/request-path.md).
+
+One connection from the parent to the enclave's control address carries health, credentials,
+attestation and inference, multiplexed by ``stream_id``::
+
+    EnclaveLink ──connect (deadline)──▶ enclave control address
+      │  reconnects with capped exponential backoff when the connection drops (enclave restart),
+      │  runs the on-connect hooks (the credentials forwarder) on every new connection
+      ├─ health()          HEALTH_PING          → HEALTH_PONG               (Health)
+      ├─ attest(nonce)     ATTESTATION_REQUEST  → ATTESTATION_RESPONSE      (document bytes)
+      ├─ infer(request)    INFER_REQUEST        → INFER_RESPONSE_CHUNK… END (async iterator)
+      ├─ send_credentials  CREDENTIALS (stream 0, no answer)
+      └─ (abandoned)       ERROR {"code": "cancelled"} on a stream whose caller gave up: the
+                           enclave stops generating for it (enclave/server.py)
+
+Stream ids are assigned here, non-zero, increasing (wrapping only after 2³²−1 requests), so a late
+frame of an abandoned stream can never be mistaken for a later request's; frames of streams
+nobody waits for any more are dropped. Any stream may end with ERROR, which is raised as
+:class:`EnclaveError` carrying the enclave's code; so is the loss of the connection, and
+``mid_stream`` tells whether response bytes had been handed out already (the bridge must then
+abort its HTTP response instead of sending an error status).
+
+Everything read from the connection comes from the enclave side of the vsock. The enclave is the
+trusted party, but the bytes still cross a transport the parent's operator controls locally, so
+frames are checked exactly as anywhere else (header before payload, size caps, strict decoders).
+
+The hot path uses the asyncio Protocol API (no StreamReader copies, no per-frame task): frames are
+parsed in ``data_received`` and handed to per-stream queues. Deadlines: a frame that has started
+must complete within ``frame`` seconds; every wait of a caller for its next frame has its own
+deadline; writes wait for the transport's buffer to drain within ``write`` seconds. Memory: a
+stream whose reader falls more than ``stream_buffer`` bytes behind (a consumer that stopped
+reading) is cancelled with ``EnclaveError("overflow")``; the connection itself is never paused, so
+one slow consumer cannot stall the others (nor trip the enclave's write deadline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, cast
+
+from protocol.control import ERROR_CODES, Credentials, Health, InferRequest, check_nonce
+from protocol.errors import ConfigError, FrameError, TransportError
+from protocol.frames import (
+    DEFAULT_MAX_PAYLOAD,
+    HEADER_SIZE,
+    ErrorPayload,
+    Frame,
+    FrameType,
+    decode_header,
+    encode_frame,
+)
+from protocol.transport import Address, check_timeout
+
+__all__ = ["EnclaveError", "EnclaveLink", "InferStream", "LinkTimeouts"]
+
+logger = logging.getLogger(__name__)
+
+_U32_MAX: Final = 0xFFFF_FFFF
+LINK_CODES: Final = frozenset({"unreachable", "timeout", "overflow"})
+CANCEL_CODE: Final = "cancelled"  # ERROR code the parent sends to cancel a stream
+"""Codes the link itself raises, beside the enclave's :data:`~protocol.control.ERROR_CODES`."""
+
+
+class EnclaveError(Exception):
+    """A request on the control connection failed.
+
+    ``code`` is the enclave's error code (one of :data:`protocol.control.ERROR_CODES`; an unknown
+    code from the enclave becomes ``internal``), or ``unreachable`` (no connection, or it dropped)
+    or ``timeout`` (a deadline passed). ``mid_stream`` is true when response bytes of this stream
+    had already been handed to the caller: the response cannot be replaced by an error any more.
+    The message names what failed, never content.
+    """
+
+    def __init__(self, code: str, message: str, *, mid_stream: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.mid_stream = mid_stream
+
+
+@dataclass(frozen=True)
+class LinkTimeouts:
+    """Deadlines of the control connection, in seconds."""
+
+    connect: float = 5.0  # to open the connection
+    frame: float = 30.0  # for a frame that has started arriving to complete
+    write: float = 30.0  # for the enclave to take a frame (drain)
+    health: float = 2.0  # HEALTH_PING → HEALTH_PONG
+    attestation: float = 10.0  # ATTESTATION_REQUEST → ATTESTATION_RESPONSE
+    first_response: float = 120.0  # INFER_REQUEST → its first frame (the model is working)
+    between_chunks: float = 60.0  # INFER_RESPONSE_CHUNK → the next frame
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            try:
+                check_timeout(getattr(self, name))
+            except ConfigError:
+                raise ConfigError(f"timeouts.{name} must be a positive number of seconds") from None
+
+
+# -- streams -----------------------------------------------------------------------------------
+
+_Received = tuple[FrameType, bytes]  # a frame as queued for its stream: type and payload
+
+
+class _Stream:
+    """Frames of one stream id, waiting for their reader."""
+
+    __slots__ = ("buffered", "error", "frames", "id", "waiter")
+
+    def __init__(self, stream_id: int) -> None:
+        self.id = stream_id
+        self.frames: collections.deque[_Received] = collections.deque()
+        self.buffered = 0  # payload bytes queued, not yet taken by the reader
+        self.waiter: asyncio.Future[None] | None = None
+        self.error: EnclaveError | None = None
+
+    def put(self, frame: _Received) -> None:
+        self.frames.append(frame)
+        self.buffered += len(frame[1])
+        self._wake()
+
+    def fail(self, error: EnclaveError, *, drop: bool = False) -> None:
+        """End the stream with ``error``: after the queued frames, or at once with ``drop``."""
+        if self.error is None:
+            self.error = error
+        if drop:
+            self.frames.clear()
+            self.buffered = 0
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self, timeout: float, what: str) -> _Received:
+        """The next frame's type and payload, within ``timeout`` seconds."""
+        while not self.frames:
+            if self.error is not None:
+                raise self.error
+            loop = asyncio.get_running_loop()
+            waiter = self.waiter = loop.create_future()
+            timer = loop.call_later(timeout, _expire, waiter)
+            try:
+                await waiter
+            except TimeoutError:
+                raise EnclaveError(
+                    "timeout", f"the enclave did not answer {what} in {timeout} s"
+                ) from None
+            finally:
+                timer.cancel()
+                self.waiter = None
+        frame = self.frames.popleft()
+        self.buffered -= len(frame[1])
+        return frame
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class InferStream:
+    """The response of one inference request: ``async for chunk in stream`` yields the bytes of
+    each INFER_RESPONSE_CHUNK, in order, and ends on INFER_RESPONSE_END.
+
+    Raises :class:`EnclaveError` on ERROR, connection loss or a deadline, with ``mid_stream`` set
+    once a chunk has been yielded. Use ``async with`` (or :meth:`aclose`) so the stream id is
+    released even when the caller stops early.
+    """
+
+    def __init__(self, link: EnclaveLink, request: InferRequest) -> None:
+        self._link = link
+        self._request = request
+        self._stream: _Stream | None = None
+        self._done = False
+        self.started = False
+        """True once a chunk has been handed to the caller."""
+
+    def __aiter__(self) -> InferStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            if self._stream is None:
+                self._stream = self._link._open()
+                await self._link._send(self._request.frame(self._stream.id))
+                timeout = self._link.timeouts.first_response
+            else:
+                timeout = self._link.timeouts.between_chunks
+            frame = await self._stream.get(timeout, "an inference request")
+        except EnclaveError as exc:
+            self._finish()
+            exc.mid_stream = self.started
+            raise
+        kind, payload = frame
+        if kind is FrameType.INFER_RESPONSE_CHUNK:
+            self.started = True
+            return payload
+        self._finish()
+        if kind is FrameType.INFER_RESPONSE_END:
+            raise StopAsyncIteration
+        raise _stream_error(frame, "INFER_RESPONSE_CHUNK", mid_stream=self.started)
+
+    def _finish(self) -> None:
+        self._done = True
+        if self._stream is not None:
+            self._link._close_stream(self._stream)
+
+    async def aclose(self) -> None:
+        """Release the stream; if its response had not ended, tell the enclave to stop working
+        on it (an ERROR frame from the parent cancels a stream)."""
+        if not self._done:
+            stream = self._stream
+            self._finish()
+            if stream is not None:
+                self._link._cancel(stream.id)
+
+    async def __aenter__(self) -> InferStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def _stream_error(frame: _Received, expected: str, *, mid_stream: bool = False) -> EnclaveError:
+    """The error to raise for ``frame`` where ``expected`` was due (ERROR or a wrong type)."""
+    kind, payload = frame
+    if kind is FrameType.ERROR:
+        try:
+            error = ErrorPayload.decode(payload)
+        except FrameError:
+            return EnclaveError(
+                "internal", "the enclave sent a malformed ERROR", mid_stream=mid_stream
+            )
+        code = error.code if error.code in ERROR_CODES else "internal"
+        return EnclaveError(code, error.message, mid_stream=mid_stream)
+    return EnclaveError(
+        "internal",
+        f"the enclave sent {kind.name}, expected {expected}",
+        mid_stream=mid_stream,
+    )
+
+
+# -- the connection ----------------------------------------------------------------------------
+
+
+class _Connection(asyncio.Protocol):
+    """One control connection: frames in (parsed in ``data_received``), frames out."""
+
+    def __init__(self, link: EnclaveLink) -> None:
+        self._link = link
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        self._buffer = bytearray()
+        self._partial_since = 0.0  # when the incomplete frame in the buffer started
+        self._frame_timer: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+
+    # asyncio.Protocol ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        link = self._link
+        buffer = self._buffer
+        had_partial = bool(buffer)
+        # frames are cut from ``data`` itself when nothing is pending (the common case)
+        source: bytes | bytearray = data
+        if had_partial:
+            buffer += data
+            source = buffer
+        size = len(source)
+        position = 0
+        try:
+            while size - position >= HEADER_SIZE:
+                kind, stream_id, length = decode_header(
+                    bytes(source[position : position + HEADER_SIZE]), max_payload=link.max_payload
+                )
+                end = position + HEADER_SIZE + length
+                if end > size:
+                    break
+                link._dispatch(stream_id, (kind, bytes(source[position + HEADER_SIZE : end])))
+                position = end
+        except FrameError as exc:
+            # a bad header: the byte stream cannot be resynchronised; drop the connection
+            logger.warning("enclave link: bad frame from the enclave (%s); reconnecting", exc)
+            self.abort()
+            return
+        if had_partial:
+            del buffer[:position]
+        elif position < size:
+            buffer += data[position:]
+        if buffer and (position or not had_partial):
+            self._partial_since = self._loop.time()
+            if self._frame_timer is None:
+                self._frame_timer = self._loop.call_later(
+                    link.timeouts.frame, self._check_frame_deadline
+                )
+
+    def _check_frame_deadline(self) -> None:
+        self._frame_timer = None
+        if not self._buffer or self.transport is None:
+            return
+        elapsed = self._loop.time() - self._partial_since
+        if elapsed < self._link.timeouts.frame:
+            delay = self._link.timeouts.frame - elapsed
+            self._frame_timer = self._loop.call_later(delay, self._check_frame_deadline)
+            return
+        logger.warning("enclave link: a frame did not complete within %s s", elapsed)
+        self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError("connection lost"))
+        self._drain_waiters.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+
+    # ours ----------------------------------------------------------------------------------------
+
+    async def send(self, data: bytes, timeout: float) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("connection lost")
+        transport.write(data)
+        if self._write_paused:
+            waiter = self._loop.create_future()
+            self._drain_waiters.append(waiter)
+            try:
+                async with asyncio.timeout(timeout):
+                    await waiter
+            except TimeoutError:
+                self.abort()  # the enclave stopped reading; its frames cannot be recalled
+                raise
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+# -- the link ----------------------------------------------------------------------------------
+
+
+class EnclaveLink:
+    """The control connection to the enclave at ``address``, kept open: it reconnects with capped
+    exponential backoff whenever the connection drops.
+
+    Use ``async with EnclaveLink(address) as link:`` (or :meth:`start` / :meth:`close`). Requests
+    made while there is no connection fail at once with ``EnclaveError("unreachable")``; they are
+    not queued. ``on_connect`` hooks run on every new connection before requests can use it.
+    """
+
+    def __init__(
+        self,
+        address: Address,
+        *,
+        timeouts: LinkTimeouts | None = None,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 2.0,
+        health_interval: float | None = 5.0,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        stream_buffer: int = 4 * 1024 * 1024,
+    ) -> None:
+        check_timeout(backoff_initial)
+        check_timeout(backoff_max)
+        if health_interval is not None:
+            check_timeout(health_interval)
+        if type(stream_buffer) is not int or stream_buffer < 1:
+            raise ConfigError("stream_buffer must be a positive number of bytes")
+        self.address = address
+        self.timeouts = timeouts if timeouts is not None else LinkTimeouts()
+        self.max_payload = max_payload
+        self._backoff = (backoff_initial, max(backoff_initial, backoff_max))
+        self._health_interval = health_interval
+        self._stream_buffer = stream_buffer
+        self._streams: dict[int, _Stream] = {}
+        self._next_id = 1
+        self._connection: _Connection | None = None
+        self._connected = asyncio.Event()
+        self._hooks: list[Callable[[], Awaitable[None]]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._write_lock = asyncio.Lock()
+        self.last_health: Health | None = None
+        """The latest HEALTH_PONG (from :meth:`health` or the background poll), or None."""
+        self.connections = 0
+        """Connections made so far (1 + reconnects)."""
+        self.dropped_frames = 0
+        """Frames that arrived for no open stream (abandoned requests) and were discarded."""
+        self.overflows = 0
+        """Streams cancelled because their reader fell more than ``stream_buffer`` behind."""
+
+    # lifecycle -----------------------------------------------------------------------------------
+
+    def on_connect(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run ``await hook()`` after every (re)connect, within the connect deadline; a failing
+        hook is logged, not fatal."""
+        self._hooks.append(hook)
+
+    async def start(self) -> None:
+        if self._tasks:
+            raise ConfigError("the enclave link is already started")
+        self._tasks.append(asyncio.create_task(self._supervise(), name="enclave-link"))
+        if self._health_interval is not None:
+            self._tasks.append(asyncio.create_task(self._poll_health(), name="enclave-health"))
+
+    async def close(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        connection, self._connection = self._connection, None
+        self._connected.clear()
+        if connection is not None:
+            connection.abort()
+        self._fail_all("the enclave link is closed")
+
+    async def __aenter__(self) -> EnclaveLink:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and self._connected.is_set()
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Wait until the link is connected; raises ``EnclaveError("unreachable")`` after
+        ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._connected.wait()
+        except TimeoutError:
+            raise EnclaveError(
+                "unreachable", f"no connection to the enclave at {self.address} in {timeout} s"
+            ) from None
+
+    async def _supervise(self) -> None:
+        initial, cap = self._backoff
+        delay = initial
+        while True:
+            try:
+                connection = await self._connect()
+            except TransportError as exc:
+                logger.debug("enclave link: %s; retrying in %.2f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, cap)
+                continue
+            delay = initial
+            self.connections += 1
+            self._connection = connection
+            logger.info(
+                "enclave link: connected to %s (connection %d)", self.address, self.connections
+            )
+            for hook in self._hooks:
+                try:
+                    async with asyncio.timeout(self.timeouts.connect):
+                        await hook()
+                except Exception as exc:  # noqa: BLE001 - a hook must not stop the link
+                    logger.warning("enclave link: on-connect hook failed (%s)", type(exc).__name__)
+            if not connection.closed.done():
+                self._connected.set()
+            try:
+                await connection.closed
+            finally:
+                self._connected.clear()
+                self._connection = None
+                self._fail_all("the connection to the enclave dropped")
+            logger.warning("enclave link: connection to %s lost; reconnecting", self.address)
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        address = self.address
+        timeout = self.timeouts.connect
+
+        def factory() -> _Connection:
+            return _Connection(self)
+
+        try:
+            async with asyncio.timeout(timeout):
+                if address.kind == "unix" and address.path is not None:
+                    _, connection = await loop.create_unix_connection(factory, address.path)
+                elif address.kind == "tcp" and address.host is not None and address.port:
+                    _, connection = await loop.create_connection(
+                        factory, address.host, address.port
+                    )
+                else:
+                    connection = await self._connect_vsock(loop, factory)
+        except TimeoutError:
+            raise TransportError(f"connect to {address}: no answer within {timeout} s") from None
+        except OSError as exc:
+            raise TransportError(
+                f"connect to {address}: {exc.strerror or type(exc).__name__}"
+            ) from None
+        return connection
+
+    async def _connect_vsock(
+        self, loop: asyncio.AbstractEventLoop, factory: Callable[[], _Connection]
+    ) -> _Connection:
+        family = getattr(socket, "AF_VSOCK", None)
+        if family is None:
+            raise ConfigError("AF_VSOCK is not available on this platform (Linux only)")
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (self.address.cid, self.address.port))
+            _, connection = await loop.create_connection(factory, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        return connection
+
+    async def _poll_health(self) -> None:
+        assert self._health_interval is not None
+        while True:
+            await self._connected.wait()
+            with contextlib.suppress(EnclaveError):
+                await self.health()
+            await asyncio.sleep(self._health_interval)
+
+    # streams -------------------------------------------------------------------------------------
+
+    def _open(self) -> _Stream:
+        if not self.connected:
+            raise EnclaveError("unreachable", "no connection to the enclave")
+        stream_id = self._next_id
+        while stream_id in self._streams:
+            stream_id = stream_id % _U32_MAX + 1
+        self._next_id = stream_id % _U32_MAX + 1
+        stream = _Stream(stream_id)
+        self._streams[stream_id] = stream
+        return stream
+
+    def _close_stream(self, stream: _Stream) -> None:
+        if self._streams.get(stream.id) is stream:
+            del self._streams[stream.id]
+        stream.frames.clear()
+        stream.buffered = 0
+
+    def _dispatch(self, stream_id: int, frame: _Received) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            self.dropped_frames += 1
+            return
+        stream.put(frame)
+        if stream.buffered > self._stream_buffer:
+            # its reader (a consumer) is not keeping up: it loses its own stream, and the
+            # connection keeps flowing for everyone else (no head-of-line blocking)
+            logger.warning(
+                "enclave link: stream %d overflowed its buffer; cancelling it", stream_id
+            )
+            self.overflows += 1
+            del self._streams[stream_id]
+            stream.fail(
+                EnclaveError("overflow", "the response was not read fast enough"), drop=True
+            )
+            self._cancel(stream_id)
+
+    def _cancel(self, stream_id: int) -> None:
+        """ERROR on ``stream_id``: the caller gave up (its consumer left, a deadline passed).
+
+        Written without waiting for the transport to drain (it is tiny and cannot interleave
+        with another frame: each frame is one ``write``), so it works from a cancelled task."""
+        connection = self._connection
+        if connection is None or connection.transport is None:
+            return
+        frame = ErrorPayload(CANCEL_CODE, "the request was abandoned").frame(stream_id)
+        connection.transport.write(encode_frame(frame))
+
+    def _fail_all(self, message: str) -> None:
+        streams = list(self._streams.values())
+        self._streams.clear()
+        for stream in streams:
+            stream.fail(EnclaveError("unreachable", message))
+
+    async def _send(self, frame: Frame) -> None:
+        connection = self._connection  # set during the on-connect hooks already
+        if connection is None:
+            raise EnclaveError("unreachable", "no connection to the enclave")
+        data = encode_frame(frame, max_payload=self.max_payload)
+        try:
+            async with self._write_lock:
+                await connection.send(data, self.timeouts.write)
+        except TimeoutError:
+            raise EnclaveError(
+                "timeout", f"the enclave did not take a {frame.type.name} frame in time"
+            ) from None
+        except OSError:
+            raise EnclaveError("unreachable", "the connection to the enclave dropped") from None
+
+    async def _exchange(self, frame_type: FrameType, payload: bytes, timeout: float) -> _Received:
+        """Send one request frame on a new stream and return its one answer frame."""
+        stream = self._open()
+        try:
+            await self._send(Frame(frame_type, stream.id, payload))
+            return await stream.get(timeout, frame_type.name)
+        finally:
+            self._close_stream(stream)
+
+    # requests ------------------------------------------------------------------------------------
+
+    async def health(self) -> Health:
+        """HEALTH_PING → the enclave's boot state and counters."""
+        frame = await self._exchange(FrameType.HEALTH_PING, b"", self.timeouts.health)
+        if frame[0] is not FrameType.HEALTH_PONG:
+            raise _stream_error(frame, "HEALTH_PONG")
+        try:
+            health = Health.decode(frame[1])
+        except FrameError as exc:
+            raise EnclaveError(
+                "internal", f"the enclave sent a malformed HEALTH_PONG ({exc})"
+            ) from None
+        self.last_health = health
+        return health
+
+    async def attest(self, nonce: bytes) -> bytes:
+        """ATTESTATION_REQUEST(nonce) → the attestation document, raw (public data).
+
+        ``nonce`` must be 16..64 bytes (:class:`~protocol.errors.FrameError` otherwise)."""
+        frame = await self._exchange(
+            FrameType.ATTESTATION_REQUEST, check_nonce(nonce), self.timeouts.attestation
+        )
+        if frame[0] is not FrameType.ATTESTATION_RESPONSE:
+            raise _stream_error(frame, "ATTESTATION_RESPONSE")
+        return frame[1]
+
+    def infer(self, request: InferRequest) -> InferStream:
+        """Send ``request`` (on the first iteration) and stream its response chunks."""
+        return InferStream(self, request)
+
+    async def send_credentials(self, credentials: Credentials) -> None:
+        """CREDENTIALS on stream 0; the enclave does not answer."""
+        await self._send(credentials.frame())
