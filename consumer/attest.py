@@ -33,8 +33,8 @@ from attestation.expectations import load_expectations
 from attestation.policy import ExpectedNonce, MaxAge
 from attestation.verify import VerifiedAttestation
 from consumer.errors import AttestationFailed, ConfigError
-from protocol._cbor import CborRejected, strict_loads
-from protocol.errors import MalformedMessage
+from protocol.control import USER_DATA_VERSION, UserData
+from protocol.errors import FrameError, MalformedMessage
 from protocol.ohttp import KeyConfig
 
 __all__ = [
@@ -49,11 +49,7 @@ __all__ = [
     "verify_attestation",
 ]
 
-USER_DATA_VERSION: Final = 1
 DEFAULT_MAX_AGE: Final = timedelta(minutes=5)
-MAX_MODEL_ID: Final = 256  # characters
-_MANIFEST_DIGEST_SIZE: Final = 32  # SHA-256
-_USER_DATA_KEYS: Final = frozenset({"v", "ohttp_key_config", "model_id", "manifest_sha256"})
 _MAX_ROOT_PEM: Final = 16 * 1024
 
 Expectation = ExpectedMeasurements | PcrSet | Mapping[int, bytes] | str | os.PathLike[str]
@@ -231,32 +227,11 @@ def parse_user_data(data: bytes) -> tuple[bytes, str, bytes]:
     keys, ``v`` = 1, a 32-byte digest, a printable model id of 1..256 characters.
     """
 
-    def refuse(rule: str) -> AttestationFailed:
-        return AttestationFailed(f"user_data: {rule}", reason="UserDataInvalid")
-
     try:
-        value = strict_loads(data, max_depth=1)
-    except CborRejected as exc:
-        raise refuse(str(exc)) from None
-    if type(value) is not dict:
-        raise refuse("must be a CBOR map")
-    if set(value) != _USER_DATA_KEYS:
-        missing = sorted(_USER_DATA_KEYS - set(value))
-        raise refuse(f"missing keys {missing}, {len(set(value) - _USER_DATA_KEYS)} unknown keys")
-    if type(value["v"]) is not int or value["v"] != USER_DATA_VERSION:
-        raise refuse(f"v must be {USER_DATA_VERSION}")
-    key_config = value["ohttp_key_config"]
-    if type(key_config) is not bytes:
-        raise refuse("ohttp_key_config must be bytes")
-    model_id = value["model_id"]
-    if type(model_id) is not str or not 0 < len(model_id) <= MAX_MODEL_ID:
-        raise refuse(f"model_id must be text of 1..{MAX_MODEL_ID} characters")
-    if not model_id.isprintable():
-        raise refuse("model_id must be printable")
-    digest = value["manifest_sha256"]
-    if type(digest) is not bytes or len(digest) != _MANIFEST_DIGEST_SIZE:
-        raise refuse(f"manifest_sha256 must be {_MANIFEST_DIGEST_SIZE} bytes")
-    return key_config, model_id, digest
+        user_data = UserData.decode(data)
+    except FrameError as exc:
+        raise AttestationFailed(str(exc), reason="UserDataInvalid") from None
+    return user_data.ohttp_key_config, user_data.model_id, user_data.manifest_sha256
 
 
 def load_measurements(expect: Expectation) -> ExpectedMeasurements:

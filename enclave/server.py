@@ -46,8 +46,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-import cbor2
-
 from attestation.nsm import NsmClient
 from enclave.errors import ConfigError, EnclaveError
 from protocol.control import (
@@ -58,6 +56,7 @@ from protocol.control import (
     Health,
     InferMode,
     InferRequest,
+    UserData,
     check_nonce,
 )
 from protocol.errors import (
@@ -242,17 +241,11 @@ class OhttpKey:
 
 
 def attestation_user_data(key_config: bytes, model_id: str, manifest_sha256: bytes) -> bytes:
-    """The attestation document's ``user_data``: deterministic CBOR ``{"v": 1,
-    "ohttp_key_config": bytes, "model_id": text, "manifest_sha256": bytes(32)}``."""
-    if len(manifest_sha256) != 32:
-        raise ConfigError("manifest_sha256 must be 32 bytes")
-    value = {
-        "v": 1,
-        "ohttp_key_config": key_config,
-        "model_id": model_id,
-        "manifest_sha256": manifest_sha256,
-    }
-    return bytes(cbor2.dumps(value, canonical=True))
+    """The attestation document's ``user_data`` (:class:`protocol.control.UserData`)."""
+    try:
+        return UserData(key_config, model_id, manifest_sha256).encode()
+    except FrameError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 @dataclass(frozen=True)

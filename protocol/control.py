@@ -11,7 +11,8 @@ HEALTH_PING            P→E         empty
 HEALTH_PONG            E→P         :class:`Health` (CBOR map)
 CREDENTIALS            P→E         :class:`Credentials` (CBOR map), stream 0, no answer
 ATTESTATION_REQUEST    P→E         the consumer's nonce, raw, 16..64 bytes
-ATTESTATION_RESPONSE   E→P         the attestation document, raw
+ATTESTATION_RESPONSE   E→P         the attestation document, raw; its ``user_data`` is
+                                   :class:`UserData`
 INFER_REQUEST          P→E         mode u8 ‖ the encapsulated request (:class:`InferRequest`)
 INFER_RESPONSE_CHUNK   E→P         bytes for the consumer's response body, verbatim
 INFER_RESPONSE_END     E→P         empty
@@ -44,12 +45,15 @@ __all__ = [
     "ERROR_CODES",
     "HEALTH_STATES",
     "MAX_INFER_REQUEST",
+    "MAX_MODEL_ID",
     "MAX_NONCE",
     "MIN_NONCE",
+    "USER_DATA_VERSION",
     "Credentials",
     "Health",
     "InferMode",
     "InferRequest",
+    "UserData",
     "check_nonce",
 ]
 
@@ -288,3 +292,62 @@ class InferRequest:
 
     def frame(self, stream_id: int) -> Frame:
         return Frame(FrameType.INFER_REQUEST, stream_id, self.encode())
+
+
+# --- The attestation document's user_data --------------------------------------------------------
+
+USER_DATA_VERSION: Final = 1
+MAX_MODEL_ID: Final = 256
+_USER_DATA_KEYS: Final = frozenset({"v", "ohttp_key_config", "model_id", "manifest_sha256"})
+_MAX_KEY_CONFIG: Final = 512  # one RFC 9458 key configuration: 41 bytes with three suites
+
+
+@dataclass(frozen=True)
+class UserData:
+    """What the enclave binds into its attestation document's ``user_data``, so that verifying
+    the document and learning where to encrypt are one act: deterministic CBOR
+    ``{"v": 1, "ohttp_key_config": bytes, "model_id": text, "manifest_sha256": bytes(32)}``.
+
+    The enclave writes it (:meth:`encode`), the consumer reads it (:meth:`decode`, strict: exactly
+    these keys, one item, no tags). The key configuration's own syntax is checked by its parser
+    (:meth:`protocol.ohttp.KeyConfig.from_bytes`).
+    """
+
+    ohttp_key_config: bytes
+    model_id: str
+    manifest_sha256: bytes
+
+    def __post_init__(self) -> None:
+        if type(self.ohttp_key_config) is not bytes or not (
+            0 < len(self.ohttp_key_config) <= _MAX_KEY_CONFIG
+        ):
+            raise FrameError(f"user_data.ohttp_key_config must be 1..{_MAX_KEY_CONFIG} bytes")
+        model_id = self.model_id
+        if type(model_id) is not str or not 0 < len(model_id) <= MAX_MODEL_ID:
+            raise FrameError(f"user_data.model_id must be text of 1..{MAX_MODEL_ID} characters")
+        if not model_id.isprintable():
+            raise FrameError("user_data.model_id must be printable")
+        if type(self.manifest_sha256) is not bytes or len(self.manifest_sha256) != 32:
+            raise FrameError("user_data.manifest_sha256 must be 32 bytes")
+
+    def encode(self) -> bytes:
+        return canonical_dumps(
+            {
+                "v": USER_DATA_VERSION,
+                "ohttp_key_config": self.ohttp_key_config,
+                "model_id": self.model_id,
+                "manifest_sha256": self.manifest_sha256,
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> UserData:
+        """Parse a document's ``user_data`` (signed, but checked field by field all the same)."""
+        value = _decode_map(data, "user_data", _USER_DATA_KEYS)
+        if type(value["v"]) is not int or value["v"] != USER_DATA_VERSION:
+            raise FrameError(f"user_data.v must be {USER_DATA_VERSION}")
+        return cls(
+            ohttp_key_config=value["ohttp_key_config"],  # type: ignore[arg-type]
+            model_id=value["model_id"],  # type: ignore[arg-type]
+            manifest_sha256=value["manifest_sha256"],  # type: ignore[arg-type]
+        )
