@@ -7,30 +7,37 @@ rejection, 2 a usage or I/O error. No traceback reaches the user for bad input.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
-from typing import TextIO
-
-from nci import audit, consumer, demo, enclave, kms, parent, provider
+from typing import Final, TextIO
 
 __all__ = ["main"]
 
+# Each group's module is imported only when that group runs (or for --help): the roles' imports
+# differ a lot (the parent never needs torch, whose import alone takes seconds).
+_GROUPS: Final = ("audit", "consumer", "demo", "enclave", "kms", "parent", "provider")
 
-def build_parser() -> argparse.ArgumentParser:
+
+def _chosen_group(argv: Sequence[str]) -> str | None:
+    """The group named by the first non-option argument, if it is one."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in _GROUPS else None
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nci",
         description="Confidential multimodal inference on AWS Nitro Enclaves.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
-    audit.add_parser(groups)
-    consumer.add_parser(groups)
-    demo.add_parser(groups)
-    enclave.add_parser(groups)
-    kms.add_parser(groups)
-    parent.add_parser(groups)
-    provider.add_parser(groups)
+    for name in _GROUPS:
+        if only is None or name == only:
+            importlib.import_module(f"nci.{name}").add_parser(groups)
     return parser
 
 
@@ -39,7 +46,8 @@ def main(
 ) -> int:
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_chosen_group(argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
