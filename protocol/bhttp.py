@@ -35,6 +35,8 @@ __all__ = [
     "MAX_FIELDS",
     "MAX_FIELD_SECTION_SIZE",
     "MAX_MESSAGE_SIZE",
+    "PAD_MIN",
+    "PAD_STEP",
     "VARINT_MAX",
     "Request",
     "Response",
@@ -44,6 +46,8 @@ __all__ = [
     "encode_request",
     "encode_response",
     "encode_varint",
+    "pad",
+    "padded_size",
 ]
 
 VARINT_MAX: Final = (1 << 62) - 1
@@ -221,6 +225,32 @@ def encode_response(response: Response) -> bytes:
         raise MalformedMessage("status must be a final status code, 200..599")
     tail = _encode_tail(response.headers, response.content, response.trailers)
     return _check_size(encode_varint(_KNOWN_LENGTH_RESPONSE) + encode_varint(status) + tail)
+
+
+PAD_MIN: Final = 512  # the smallest padded size
+PAD_STEP: Final = 64 * 1024  # above this, sizes round up to a multiple of it
+
+
+def padded_size(size: int, *, limit: int = MAX_MESSAGE_SIZE) -> int:
+    """The size :func:`pad` pads a ``size``-byte message to: the next power of two from 512 bytes
+    up to 64 KiB, then the next multiple of 64 KiB, never above ``limit``."""
+    if size > limit:
+        raise MalformedMessage(f"message is larger than {limit} bytes")
+    if size <= PAD_STEP:
+        bucket = max(PAD_MIN, 1 << max(size - 1, 0).bit_length())
+    else:
+        bucket = -(-size // PAD_STEP) * PAD_STEP
+    return min(bucket, limit)
+
+
+def pad(message: bytes, *, limit: int = MAX_MESSAGE_SIZE) -> bytes:
+    """``message`` followed by zero bytes up to :func:`padded_size` (RFC 9292 §3.8 padding).
+
+    Encrypted, a message's length is the one thing an observer still sees: padded, it reveals only
+    its size class (at most a factor of two, or 64 KiB, above the true length). Decoders here
+    accept the zeros as padding.
+    """
+    return message + bytes(padded_size(len(message), limit=limit) - len(message))
 
 
 # --- Decoding -------------------------------------------------------------------------------------
