@@ -6,9 +6,12 @@ document for a fresh nonce, and :func:`verify_attestation` decides, at a given `
 1. the document verifies (:func:`attestation.verify`): parse, chain to a trusted root, validity at
    ``now``, ES384 signature, debug mode refused, the PCRs match an expected set, the nonce is ours,
    the document is at most ``max_age`` old (AWS attestation process §3; docs/attestation.md);
+   every accepted PCR set must pin the image (PCR0, or PCR8 for a signed image), else it is
+   refused as our own configuration before anything is fetched;
 2. ``user_data`` is exactly the CBOR map ``{"v": 1, "ohttp_key_config": bytes, "model_id": text,
    "manifest_sha256": bytes(32)}`` (docs/request-path.md, "Attestation for consumers"), decoded
-   strictly: one item, no trailing bytes, no duplicate or unknown keys, no tags;
+   strictly: one item, no trailing bytes, no duplicate or unknown keys, no tags; its model id and
+   bundle digest equal the pinned ones, when the consumer pinned them;
 3. the key configuration is one RFC 9458 §3.1 configuration with a suite we implement, and its
    X25519 public key equals the document's ``public_key``: only then does encrypting to it mean
    encrypting to the measured enclave.
@@ -39,18 +42,24 @@ from protocol.ohttp import KeyConfig
 
 __all__ = [
     "DEFAULT_MAX_AGE",
+    "IMAGE_PCRS",
     "USER_DATA_VERSION",
     "Attestation",
     "Expectation",
     "RootSource",
+    "check_manifest_sha256",
+    "check_model_id",
     "load_measurements",
     "load_roots",
     "parse_user_data",
+    "require_image_pinned",
     "verify_attestation",
 ]
 
 DEFAULT_MAX_AGE: Final = timedelta(minutes=5)
+IMAGE_PCRS: Final = (0, 8)  # PCR0: the whole enclave image; PCR8: its signing certificate
 _MAX_ROOT_PEM: Final = 16 * 1024
+_MAX_MODEL_ID: Final = 256
 
 Expectation = ExpectedMeasurements | PcrSet | Mapping[int, bytes] | str | os.PathLike[str]
 """Expected measurements: the type itself, one PCR set, or the path of an ``--expect`` file."""
@@ -73,6 +82,8 @@ class Attestation:
     manifest_sha256: bytes
     nonce: bytes
     max_age: timedelta
+    model_pinned: bool = False  # the model id was compared with the consumer's pinned one
+    manifest_pinned: bool = False  # so was the bundle's manifest digest
 
     @property
     def module_id(self) -> str:
@@ -114,10 +125,17 @@ class Attestation:
         out.append(
             (
                 "user data",
-                f"v{USER_DATA_VERSION}: model {self.model_id}, "
+                f"v{USER_DATA_VERSION}: model {_printable(self.model_id)}, "
                 f"manifest sha256 {self.manifest_sha256.hex()}",
             )
         )
+        pinned = [
+            name
+            for name, on in (("model id", self.model_pinned), ("manifest", self.manifest_pinned))
+            if on
+        ]
+        if pinned:
+            out.append(("pinned model", f"{' and '.join(pinned)} equal the expected ones"))
         out.append(
             (
                 "key binding",
@@ -135,8 +153,8 @@ class Attestation:
             f"document:     {self.age.total_seconds():.0f} s old at verification "
             f"(maximum {self.max_age.total_seconds():.0f} s), fresh nonce echoed",
             f"OHTTP key:    id {self.key_id}, bound to the document's public_key",
-            f"model:        {_printable(self.model_id)}",
-            f"manifest:     sha256 {self.manifest_sha256.hex()}",
+            f"model:        {_printable(self.model_id)}{_pinned(self.model_pinned)}",
+            f"manifest:     sha256 {self.manifest_sha256.hex()}{_pinned(self.manifest_pinned)}",
         ]
         if self.is_nitro_hardware:
             lines.append("root:         AWS Nitro Enclaves root G1 (Nitro hardware)")
@@ -174,14 +192,21 @@ def verify_attestation(
     roots: Sequence[TrustRoot],
     now: datetime,
     max_age: timedelta = DEFAULT_MAX_AGE,
+    model_id: str | None = None,
+    manifest_sha256: bytes | str | None = None,
 ) -> Attestation:
     """Verify ``raw`` (untrusted: it comes through the parent) as the answer to ``nonce``.
 
-    Raises :class:`AttestationFailed` for any refused rule, :class:`ConfigError` for our own
-    configuration (no root, an impossible ``max_age``).
+    ``model_id`` and ``manifest_sha256`` (32 bytes or 64 hex digits), when given, must equal the
+    ones in the document's ``user_data``. Raises :class:`AttestationFailed` for any refused rule,
+    :class:`ConfigError` for our own configuration (no root, an impossible ``max_age``, a PCR set
+    that does not pin the image).
     """
     if not isinstance(measurements, ExpectedMeasurements):
         raise ConfigError("measurements must be ExpectedMeasurements")
+    require_image_pinned(measurements)
+    expected_model = None if model_id is None else check_model_id(model_id)
+    expected_manifest = None if manifest_sha256 is None else check_manifest_sha256(manifest_sha256)
     # (1) the document: chain, validity, signature, debug mode, PCRs, nonce, age
     try:
         policy = Policy(measurements, extra=(ExpectedNonce(nonce), MaxAge(max_age)))
@@ -193,7 +218,23 @@ def verify_attestation(
     # (2) user_data: the enclave's key configuration, model and bundle, strictly decoded
     if verified.user_data is None:
         raise AttestationFailed("the document carries no user_data", reason="UserDataInvalid")
-    key_config, model_id, manifest_sha256 = parse_user_data(verified.user_data)
+    key_config, attested_model, attested_manifest = parse_user_data(verified.user_data)
+    if expected_model is not None and not hmac.compare_digest(
+        attested_model.encode(), expected_model.encode()
+    ):
+        raise AttestationFailed(
+            f"user_data.model_id is {_printable(attested_model)!r}; "
+            f"the pinned model id is {expected_model!r}",
+            reason="ModelMismatch",
+        )
+    if expected_manifest is not None and not hmac.compare_digest(
+        attested_manifest, expected_manifest
+    ):
+        raise AttestationFailed(
+            f"user_data.manifest_sha256 is {attested_manifest.hex()}; "
+            f"the pinned digest is {expected_manifest.hex()}",
+            reason="ManifestMismatch",
+        )
     # (3) the key configuration's public key is the document's public_key
     try:
         config = KeyConfig.from_bytes(key_config)
@@ -213,10 +254,12 @@ def verify_attestation(
         verified=verified,
         key_config=key_config,
         key_id=config.key_id,
-        model_id=model_id,
-        manifest_sha256=manifest_sha256,
+        model_id=attested_model,
+        manifest_sha256=attested_manifest,
         nonce=nonce.value,
         max_age=max_age,
+        model_pinned=expected_model is not None,
+        manifest_pinned=expected_manifest is not None,
     )
 
 
@@ -239,18 +282,64 @@ def load_measurements(expect: Expectation) -> ExpectedMeasurements:
     a mapping of index to 48 bytes), or the path of an ``--expect`` YAML/JSON file."""
     try:
         if isinstance(expect, ExpectedMeasurements):
-            return expect
+            return require_image_pinned(expect)
         if isinstance(expect, PcrSet):
-            return ExpectedMeasurements((expect,))
+            return require_image_pinned(ExpectedMeasurements((expect,)))
         if isinstance(expect, str | os.PathLike):
-            return ExpectedMeasurements(tuple(load_expectations(Path(expect))))
+            sets = tuple(load_expectations(Path(expect)))
+            return require_image_pinned(ExpectedMeasurements(sets))
         if isinstance(expect, Mapping):
-            return ExpectedMeasurements((PcrSet(expect),))
+            return require_image_pinned(ExpectedMeasurements((PcrSet(expect),)))
     except AttestationConfigError as exc:
         raise ConfigError(str(exc)) from None
     raise ConfigError(
         "expect must be ExpectedMeasurements, a PCR set, or the path of an expectation file"
     )
+
+
+def require_image_pinned(measurements: ExpectedMeasurements) -> ExpectedMeasurements:
+    """``measurements`` if every accepted PCR set pins the enclave image, else :class:`ConfigError`.
+
+    A set is matched alone, so a set without PCR0 or PCR8 accepts any image: PCR1 (kernel and
+    boot ramdisk) is the same for every EIF one nitro-cli builds, PCR2 measures only the
+    application, PCR3 and PCR4 the parent's IAM role and instance (AWS Nitro Enclaves user guide,
+    "Where to get an enclave's measurements"). PCR0 measures the whole image; PCR8 the certificate
+    a signed image was signed with.
+    """
+    for number, pcr_set in enumerate(measurements.sets, start=1):
+        if not any(index in pcr_set.values for index in IMAGE_PCRS):
+            pinned = ", ".join(f"PCR{i}" for i in pcr_set.values)
+            raise ConfigError(
+                f"accepted PCR set {number} of {len(measurements.sets)} pins only {pinned}, which "
+                "any enclave image can match: every set must include PCR0 (the whole enclave "
+                "image) or PCR8 (the certificate that signed the image)"
+            )
+    return measurements
+
+
+def check_model_id(model_id: object) -> str:
+    """A model id to pin: printable text of 1..256 characters (as ``user_data`` carries it)."""
+    if (
+        not isinstance(model_id, str)
+        or not 0 < len(model_id) <= _MAX_MODEL_ID
+        or not model_id.isprintable()
+    ):
+        raise ConfigError(
+            f"the expected model id must be printable text of 1..{_MAX_MODEL_ID} characters"
+        )
+    return model_id
+
+
+def check_manifest_sha256(digest: object) -> bytes:
+    """A manifest digest to pin: 32 bytes, or their 64 hexadecimal digits."""
+    if isinstance(digest, str):
+        try:
+            digest = bytes.fromhex(digest)
+        except ValueError:
+            raise ConfigError("the expected manifest sha256 is not hexadecimal") from None
+    if not isinstance(digest, bytes) or len(digest) != 32:
+        raise ConfigError("the expected manifest sha256 is 32 bytes (64 hexadecimal digits)")
+    return digest
 
 
 def load_roots(
@@ -282,6 +371,10 @@ def _read_bounded(path: Path) -> bytes:
     if len(data) > _MAX_ROOT_PEM:
         raise ConfigError(f"local root {path} is larger than {_MAX_ROOT_PEM} bytes")
     return data
+
+
+def _pinned(on: bool) -> str:
+    return " (equals the pinned value)" if on else ""
 
 
 def _printable(text: str) -> str:

@@ -4,8 +4,9 @@ One base class, split by who is at fault::
 
     ConsumerError
     ├── AttestationFailed      the enclave's attestation does not verify: AWS chain, expected
-    │                          PCRs, debug mode, nonce, age, or the binding of its OHTTP key and
-    │                          user data to the document (``reason`` names the failed rule)
+    │                          PCRs, debug mode, nonce, age, the binding of its OHTTP key and
+    │                          user data to the document, or a pinned model id or manifest digest
+    │                          (``reason`` names the failed rule)
     ├── ResponseInvalid        the answer does not authenticate under this request's HPKE context
     │                          (tampered, swapped from another request, truncated) or breaks the
     │                          response format: it is never returned, not even in part as complete
@@ -17,7 +18,8 @@ One base class, split by who is at fault::
     ├── TransportError         connection refused or closed, a read deadline passed (retry may help)
     ├── InvalidRequest         the caller's prompt, images or parameters break the request format's
     │                          rules (nothing was sent)
-    └── ConfigError            our own configuration: expectations, trust roots, URL, options
+    └── ConfigError            our own configuration: expectations (each accepted PCR set must
+                               pin the image: PCR0, or PCR8), trust roots, URL, options
 
 Messages name the field and the rule; they never quote prompts, images or completions.
 """
@@ -49,7 +51,8 @@ class AttestationFailed(ConsumerError):
     """The enclave's attestation was refused; nothing was encrypted to it.
 
     ``reason`` is the failed rule's type name (``"MeasurementMismatch"``, ``"NonceMismatch"``,
-    ``"StaleDocument"``, ``"DebugModeDocument"``, ``"KeyBindingMismatch"``, ``"UserDataInvalid"``…).
+    ``"StaleDocument"``, ``"DebugModeDocument"``, ``"KeyBindingMismatch"``, ``"UserDataInvalid"``,
+    ``"ModelMismatch"``, ``"ManifestMismatch"``…).
     """
 
     def __init__(self, message: str, *, reason: str) -> None:

@@ -10,7 +10,9 @@ change it; locally it sits in the state folder. Keys::
     kms_endpoint     the URL boto3 uses, with "{port}" where the loopback forwarder's port goes:
                      https://kms.REGION.amazonaws.com:{port} on AWS (the name resolves to
                      127.0.0.1 in the image's /etc/hosts, so TLS ends inside the enclave),
-                     http://127.0.0.1:{port} for the local KMS
+                     http://127.0.0.1:{port} for the local KMS; with "nsm": "device" it must
+                     be https (over plain http the parent could answer Decrypt itself, with a
+                     data key of its choosing wrapped to the enclave's attested RSA key)
     region           the AWS region of the KMS key
     bundle           the bundle name the streamer serves
     model_id         the model the bundle must hold (pinned)
@@ -161,17 +163,23 @@ def parse_config(data: bytes) -> EnclaveConfig:
     arn_match = _KEY_ARN.fullmatch(arn)
     if arn_match is None or arn_match["region"] != region:
         raise InvalidConfig("kms_key_arn", "names another region than 'region'")
+    nsm = _nsm(value)
+    endpoint = _endpoint(value)
+    if nsm == "device" and not endpoint.startswith("https://"):
+        # (4) on real hardware only TLS (ending inside the enclave) keeps the parent out of the
+        # KMS conversation: over http it could forge the Decrypt answer and choose the data key
+        raise InvalidConfig("kms_endpoint", 'must be https:// when "nsm" is "device"')
     return EnclaveConfig(
         control=_address(value, "control", allow_any_cid=True),
         bundle_streamer=_address(value, "bundle_streamer"),
         kms_relay=_address(value, "kms_relay"),
-        kms_endpoint=_endpoint(value),
+        kms_endpoint=endpoint,
         region=region,
         bundle=_match(value, "bundle", _BUNDLE, "1..256 printable ASCII characters, no space"),
         model_id=_match(value, "model_id", _MODEL_ID, "1..128 characters of [A-Za-z0-9._:/-]"),
         kms_key_arn=arn,
         manifest_sha256=_digest(value),
-        nsm=_nsm(value),
+        nsm=nsm,
         max_concurrency=_int(value, "max_concurrency", 1, MAX_CONCURRENCY),
         threads=None if value["threads"] is None else _int(value, "threads", 1, MAX_THREADS),
         exit_on_failure=_bool(value, "exit_on_failure", default=False),

@@ -10,7 +10,9 @@ the parent only ever sees TLS records; locally the endpoint is plain HTTP to the
 Bounds: at most ``max_connections`` piped connections (more are closed at once; boto3 retries),
 ``connect_timeout`` to reach the relay, and ``idle_timeout``: a connection on which no byte moved
 in either direction for that long is closed. Writes wait for the receiver (``drain``) within the
-same deadline, so a stalled side cannot grow our buffers. Only counts are logged, never bytes.
+same deadline, so a stalled side cannot grow our buffers. Closing waits at most ``close_timeout``
+for the peer to take what is still buffered, then aborts the connection: a peer that stopped
+reading cannot hold a connection slot. Only counts are logged, never bytes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
 
+from enclave._closing import close_within
 from enclave.errors import ConfigError
 from protocol.errors import TransportError
 from protocol.transport import Address, open_connection, start_server
@@ -61,10 +64,15 @@ class KmsForwarder:
         max_connections: int = 16,
         connect_timeout: float = 10.0,
         idle_timeout: float = 120.0,
+        close_timeout: float = 5.0,
     ) -> None:
         if type(max_connections) is not int or max_connections < 1:
             raise ConfigError("max_connections must be at least 1")
-        for name, value in (("connect_timeout", connect_timeout), ("idle_timeout", idle_timeout)):
+        for name, value in (
+            ("connect_timeout", connect_timeout),
+            ("idle_timeout", idle_timeout),
+            ("close_timeout", close_timeout),
+        ):
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds")
         self._target = target
@@ -72,6 +80,7 @@ class KmsForwarder:
         self._max_connections = max_connections
         self._connect_timeout = float(connect_timeout)
         self._idle_timeout = float(idle_timeout)
+        self._close_timeout = float(close_timeout)
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._port = 0
@@ -142,7 +151,7 @@ class KmsForwarder:
             finally:
                 self.stats.active -= 1
         finally:
-            await _close(writer)
+            await close_within(writer, self._close_timeout)
             self._tasks.discard(task)
 
     async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -176,7 +185,7 @@ class KmsForwarder:
                         "KMS forwarder: connection closed (%s)", type(task.exception()).__name__
                     )
         finally:
-            await _close(relay_writer)
+            await close_within(relay_writer, self._close_timeout)
 
     async def _pipe(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, activity: _Activity
@@ -215,9 +224,3 @@ class _Activity:
 
     def idle_for(self) -> float:
         return time.monotonic() - self._last
-
-
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()

@@ -2,13 +2,16 @@
 
 ::
 
-    nci consumer ask URL --expect FILE [--trust-local-root PEM] [--max-age S] [--image PATH]...
+    nci consumer ask URL --expect FILE [--model-id ID] [--manifest-sha256 HEX]
+                     [--trust-local-root PEM] [--max-age S] [--image PATH]...
                      [--max-tokens N] [--temperature T] [--top-p P] [--stop TEXT]... [--no-stream]
                      PROMPT
-    nci consumer attest URL --expect FILE [--trust-local-root PEM] [--max-age S] [--json]
+    nci consumer attest URL --expect FILE [--model-id ID] [--manifest-sha256 HEX] [...] [--json]
     nci consumer proxy URL --expect FILE --listen 127.0.0.1:PORT [--allow-remote] [...]
 
-``--expect`` and ``--trust-local-root`` mean what they mean for ``nci audit verify``. ``ask``
+``--expect`` and ``--trust-local-root`` mean what they mean for ``nci audit verify``, except that
+every accepted PCR set must pin the image (PCR0, or PCR8 for a signed image). ``--model-id`` and
+``--manifest-sha256`` also pin the model and bundle the enclave attests to. ``ask``
 streams the answer to standard output and says on standard error what was verified before
 anything was sent. Exit status: 0 success; 1 refused (the attestation, the answer, or the bridge
 refused); 2 usage, configuration, input or connection error.
@@ -102,7 +105,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
         type=Path,
         required=True,
         metavar="FILE",
-        help="YAML/JSON with one or several accepted PCR sets (nitro-cli Measurements accepted)",
+        help="YAML/JSON with one or several accepted PCR sets (nitro-cli Measurements accepted); "
+        "each must pin PCR0 or PCR8",
+    )
+    parser.add_argument(
+        "--model-id",
+        metavar="ID",
+        help="refuse an enclave whose attested model id differs",
+    )
+    parser.add_argument(
+        "--manifest-sha256",
+        metavar="HEX",
+        help="refuse an enclave whose attested bundle manifest digest differs",
     )
     parser.add_argument(
         "--trust-local-root",
@@ -134,6 +148,8 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(
         args.url,
         expect=args.expect,
+        expect_model_id=args.model_id,
+        expect_manifest_sha256=args.manifest_sha256,
         max_age=_max_age(args),
         trust_local_root=args.trust_local_root,
         timeout=args.timeout,
@@ -144,6 +160,8 @@ def _async_client(args: argparse.Namespace) -> AsyncClient:
     return AsyncClient(
         args.url,
         expect=args.expect,
+        expect_model_id=args.model_id,
+        expect_manifest_sha256=args.manifest_sha256,
         max_age=_max_age(args),
         trust_local_root=args.trust_local_root,
         timeout=args.timeout,

@@ -1,38 +1,40 @@
-"""``nci demo``: the whole system, locally, on the embedded defaults.
+"""``nci demo``: the whole system, locally, in real processes (:mod:`nci.localsystem`).
 
-1. Attestation: the enclave side asks the emulated NSM for a document that binds a consumer's nonce
-   and the enclave's public key; the consumer reproduces the expected measurements from the
-   enclave's source, verifies the document and prints the report; two forgeries are refused.
-2. Key release: a local attestation-aware KMS (moto server); the provider creates a key whose
-   policy pins the measured image and generates a data key; the parent's role is refused without
-   attestation; the enclave gets the key through ``Recipient``; a modified image is refused.
-3. Sealed weights: the provider seals a model and publishes it to S3 (moto); the parent streams
-   the ciphertext to the enclave, which releases the key and decrypts into tensors; a bit flipped
-   by the parent is caught before any tensor is handed out.
+1. The local KMS and S3 start (moto, loopback). The provider creates a KMS key whose policy
+   releases the data key only to the measured enclave image; the auditor lints the policy; the
+   provider seals the built-in model and publishes it to S3.
+2. ``nci parent run`` starts the parent's services and launches the enclave, which boots (NSM,
+   credentials, attested key release and unlock, model load, OHTTP key); its steps come from the
+   parent's ``/healthz``. The parent's role alone is refused the data key.
+3. The consumer attests the enclave through the parent and asks questions about generated images,
+   streaming the answers; the auditor verifies the same document offline; every byte that crossed
+   the parent (four connections, each behind a recording tap) is searched for the prompts, images,
+   answers and samples of the weights: none is there, nor in the parent's and enclave's logs.
+4. Attackers: a forged document, an AWS-only verifier, an answer altered by the parent, a modified
+   enclave image asking for the key, a bit flipped in a sealed chunk: each is refused.
+5. The parent stops (its launcher stops the enclave); no process is left behind.
 
-Later issues grow it into encrypted inference. No key or plaintext is ever printed.
+No key or weight is ever printed. The state folder keeps the emulator's CA (reused by the next run)
+and the images the consumer asked about (``demo/``). Exit status 0 when every outcome was the
+expected one, else 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import hmac
-import json
+import io
+import logging
 import shutil
-import tempfile
-import threading
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
-import boto3
-import torch
 from botocore.exceptions import BotoCoreError, ClientError
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import x25519
 
 from attestation import _measure
 from attestation.emulator import EmulatedNsm, default_state_dir
@@ -41,24 +43,43 @@ from attestation.nsm import NsmClient
 from attestation.policy import Nonce, Policy
 from attestation.report import AuditReport, audit
 from attestation.roots import TrustRoot
+from consumer.errors import ConsumerError
 from enclave.errors import EnclaveError, KeyReleaseDenied
-from enclave.keyrelease import KeyRelease, kms_client_config
-from enclave.unlock import Unlocker
-from kms_policy import check, generate
 from kms_policy.errors import KmsPolicyError
-from kms_policy.localkms import LocalKms, LocalKmsConfig
-from parent.bundlesource import FolderSource, S3Source
-from parent.streamer import BundleStreamer
-from protocol.errors import BundleIntegrityError, ProtocolError
+from nci.localsystem import (
+    ROLE,
+    TAP_BRIDGE,
+    TAP_BUNDLES,
+    TAP_CONTROL,
+    TAP_KMS,
+    LocalSystem,
+    LocalSystemError,
+)
+from nci.tap import MIN_LEAK, leaks
+from protocol.errors import BundleIntegrityError, OhttpError, ProtocolError
 from protocol.transport import parse_address
-from provider import publish, seal
 from provider.errors import ProviderError
 
-__all__ = ["add_parser", "run_demo"]
+if TYPE_CHECKING:
+    from consumer import Attestation, Client
+    from enclave.models.shapes import Scene
+    from protocol.bundle import Manifest
+
+__all__ = [
+    "Question",
+    "add_parser",
+    "demo_questions",
+    "png_pixels",
+    "run_demo",
+    "scene_png",
+    "weight_samples",
+]
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("demo", help="run the system locally on the embedded defaults")
+    parser = subparsers.add_parser(
+        "demo", help="run the whole system locally, in real processes, on the embedded defaults"
+    )
     parser.add_argument(
         "--state-dir",
         type=Path,
@@ -69,11 +90,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def run_demo(state_dir: Path | None, out: TextIO, err: TextIO | None = None) -> int:
-    """Run every step; a failure of any piece is one line on ``err`` and exit status 1."""
+    """Run every step; a failure of any piece is reported on ``err`` and exit status 1."""
     state_dir = (state_dir if state_dir is not None else default_state_dir()).resolve()
     try:
         return _run(state_dir, out)
     except (
+        LocalSystemError,
+        ConsumerError,
         AttestationError,
         KmsPolicyError,
         EnclaveError,
@@ -87,286 +110,441 @@ def run_demo(state_dir: Path | None, out: TextIO, err: TextIO | None = None) -> 
         return 1
 
 
-def _run(state_dir: Path, out: TextIO) -> int:
-    say = _Printer(out)
-
-    say.step("enclave", f"boot the emulated NSM (local CA kept in {state_dir / 'nsm'})")
-    nsm = EmulatedNsm(state_dir=state_dir)
-    client = NsmClient(nsm)
-    description = client.describe_nsm()
-    say.detail(f"module {description.module_id}, {description.max_pcrs} PCRs, {description.digest}")
-
-    say.step("enclave", "generate the request-encryption key (X25519) it will attest")
-    enclave_key = x25519.X25519PrivateKey.generate()
-    public_key = enclave_key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-    say.step("consumer", "reproduce the expected measurements from the enclave's source code")
-    expected = _measure.application_measurements()
-    for index, value in expected.items():
-        say.detail(f"PCR{index} = {value.hex()}")
-
-    nonce = Nonce.random()
-    say.step("consumer", f"challenge the enclave with a fresh nonce {nonce.hex()[:16]}…")
-    document = client.attestation(nonce=nonce.value, public_key=public_key)
-    say.step("enclave", f"NSM signs an attestation document ({len(document)} bytes)")
-
-    say.step("consumer", "verify: chain to the local root, signature, PCRs, nonce, age, key")
-    roots = [TrustRoot.aws_nitro_g1(), TrustRoot.local(nsm.root_pem)]
-    policy = Policy.expect(
-        expected, nonce=nonce, max_age=timedelta(minutes=5), public_key=public_key
-    )
-    report = audit(document, roots=roots, now=datetime.now(UTC), policy=policy)
-    say.report(report)
-
-    say.step("attacker", "flip one bit of the attested public key (a man in the middle)")
-    index = document.index(public_key) + len(public_key) - 1
-    forged = document[:index] + bytes([document[index] ^ 1]) + document[index + 1 :]
-    say.report(audit(forged, roots=roots, now=datetime.now(UTC), policy=policy), brief=True)
-
-    say.step("attacker", "present the emulator's document to a verifier that trusts only AWS")
-    aws_only = audit(
-        document, roots=[TrustRoot.aws_nitro_g1()], now=datetime.now(UTC), policy=policy
-    )
-    say.report(aws_only, brief=True)
-
-    attested = report.valid and not _valid(forged, roots, policy) and not aws_only.valid
-    released = _key_release(say, nsm, expected, state_dir)
-    ok = attested and released
-    out.write(
-        "\ndemo: the genuine enclave was attested, got the data key and unlocked the sealed "
-        "model; every forgery, tampering and unattested caller was refused\n"
-        if ok
-        else "\ndemo: FAILED, an outcome differs from the expected one\n"
-    )
-    return 0 if ok else 1
+# -- what the consumer asks ----------------------------------------------------------------------
 
 
-def _key_release(
-    say: _Printer, nsm: EmulatedNsm, expected: dict[int, bytes], state_dir: Path
-) -> bool:
-    """Seal a data key under a key bound to the measured image; release it to the enclave only."""
-    config = LocalKmsConfig(
-        principals={access_key: arn for arn, access_key in _PRINCIPALS.items()},
-        trusted_roots=(TrustRoot.aws_nitro_g1(), TrustRoot.local(nsm.root_pem)),
-    )
-    with LocalKms(config) as kms:
-        say.step("kms", f"local attestation-aware KMS (moto server) on {kms.endpoint_url}")
-        key_policy = generate(
-            measurements=expected, role_arn=_ROLE, provider_arn=_PROVIDER, admin_arns=[_ADMIN]
-        )
-        key_id = _kms(kms, _ADMIN).create_key(Policy=key_policy.to_json())["KeyMetadata"]["KeyId"]
-        say.step("provider", f"create KMS key {key_id} whose policy pins PCR0/1/2 of the image")
-        lint = check(key_policy, expect=[expected], role_arn=_ROLE, provider_arn=_PROVIDER)
-        say.step("auditor", f"lint the key policy: {'no error finding' if lint.ok else 'HOLES'}")
-        for line in lint.can_decrypt:
-            say.detail(line)
+@dataclass(frozen=True)
+class Question:
+    """A question about one generated scene, with the answer the generator knows is right."""
 
-        sealed = _kms(kms, _PROVIDER).generate_data_key(
-            KeyId=key_id, KeySpec="AES_256", EncryptionContext=_CONTEXT
-        )
-        blob, provider_key = sealed["CiphertextBlob"], sealed["Plaintext"]
-        say.step("provider", f"GenerateDataKey: a 32-byte data key, sealed as {len(blob)} bytes")
-
-        say.step("parent", "Decrypt without attestation, with the enclave's own IAM role")
-        parent_denied = _denied(
-            lambda: _kms(kms, _ROLE).decrypt(CiphertextBlob=blob, EncryptionContext=_CONTEXT)
-        )
-        say.detail("=> REFUSED (AccessDeniedException)" if parent_denied else "=> RELEASED (!)")
-
-        say.step("enclave", "attest an RSA key and Decrypt with Recipient; unwrap the CMS envelope")
-        release = KeyRelease(NsmClient(nsm), _kms(kms, _ROLE))
-        enclave_key = release.decrypt(blob, encryption_context=_CONTEXT)
-        same = hmac.compare_digest(enclave_key, provider_key)
-        say.detail(
-            f"=> {'RELEASED: the same data key the provider sealed' if same else 'WRONG KEY'}"
-        )
-
-        say.step("attacker", "a modified enclave image (PCR0 differs) asks for the same key")
-        changed = dict(expected)
-        changed[0] = _measure.extend(changed[0], b"a backdoor")
-        rogue = EmulatedNsm(state_dir=state_dir, measurements=changed)
-        rogue_denied = _denied(
-            lambda: KeyRelease(NsmClient(rogue), _kms(kms, _ROLE)).decrypt(
-                blob, encryption_context=_CONTEXT
-            )
-        )
-        say.detail("=> REFUSED (AccessDeniedException)" if rogue_denied else "=> RELEASED (!)")
-        unlocked = _sealed_weights(say, kms, key_id, nsm, state_dir)
-    return lint.ok and parent_denied and same and rogue_denied and unlocked
+    image: str  # the PNG's file name
+    png: bytes
+    prompt: str
+    expected: str
+    caption: str
 
 
-def _sealed_weights(
-    say: _Printer, kms: LocalKms, key_id: str, nsm: EmulatedNsm, state_dir: Path
-) -> bool:
-    """Seal a model, publish it to S3, stream it through the parent, unlock it in the enclave."""
-    work = state_dir / "demo"
-    shutil.rmtree(work, ignore_errors=True)
-    model_dir = _demo_model(work / "model")
-    say.step("provider", f"seal {model_dir.name}/ (safetensors + config) under a fresh data key")
-    manifest = seal(
-        model_dir,
-        kms_client=_kms(kms, _PROVIDER),
-        kms_key_id=key_id,
-        model_id=_MODEL_ID,
-        out=work / "bundle",
-        chunk_size=64 * 1024,
-    )
-    say.detail(
-        f"{len(manifest.tensors)} tensors, {manifest.plaintext_size} bytes in "
-        f"{manifest.chunk_count} AES-256-GCM chunks"
-    )
-    s3 = _aws(kms, "s3", _PROVIDER)
-    s3.create_bucket(Bucket=_BUCKET)
-    publish(work / "bundle", f"s3://{_BUCKET}/demo/v1", s3_client=s3)
-    say.step("provider", f"publish to s3://{_BUCKET}/demo/v1 (moto S3)")
+def png_pixels(png: bytes) -> bytes:
+    """The image-specific bytes of a PNG: its IDAT data (the compressed pixels).
 
-    # a short socket path of its own: unix socket paths are limited to 107 bytes
-    sockets = Path(tempfile.mkdtemp(prefix="nci-demo-"))
-    address = parse_address(f"unix://{sockets}/parent.sock")
-    tampered = _tampered_copy(work / "bundle", work / "tampered")
-    sources = {
-        "demo": S3Source(_aws(kms, "s3", _ROLE), _BUCKET, "demo/v1"),
-        "tampered": FolderSource(tampered),
-    }
-    with _background(BundleStreamer(address, sources)), _removed(sockets):
-        say.step("parent", f"stream the sealed bundle from S3 to the enclave on {address}")
-        release = KeyRelease(NsmClient(nsm), _kms(kms, _ROLE))
-        unlocker = Unlocker(
-            address,
-            release,
-            expected_model_id=_MODEL_ID,
-            expected_kms_key_id=manifest.kms_key_id,  # the enclave's configuration pins the key
-            timeout=10,
-        )
-        model = unlocker.load("demo")
-        expected = _original_tensors(model_dir)
-        exact = all(
-            hmac.compare_digest(
-                model.tensors[name].reshape(-1).view(torch.uint8).numpy().tobytes(), data
-            )
-            for name, data in expected.items()
-        )
-        say.step("enclave", "release the data key (attested), decrypt chunk by chunk into tensors")
-        say.detail(
-            f"=> {'UNLOCKED' if exact else 'WRONG BYTES'}: {len(model.tensors)} tensors, "
-            f"identical to the provider's"
-        )
-        say.step("attacker", "the parent flips one bit of one sealed chunk")
-        try:
-            unlocker.load("tampered")
-            refused = False
-        except BundleIntegrityError as exc:
-            refused = True
-            say.detail(f"=> REFUSED (BundleIntegrityError: {exc}); no tensor was handed out")
-    return exact and refused
+    The leak search looks for any 8-byte piece of a secret; the PNG signature and the IHDR of
+    every 32×32 scene are the same public bytes (``00 00 00 20 00 00 00 20`` is also a frame
+    header with stream id 32 and a 32-byte payload), so they are not what a leak would show."""
+    pixels, pos = b"", 8
+    while pos + 8 <= len(png):
+        length = int.from_bytes(png[pos : pos + 4], "big")
+        kind = png[pos + 4 : pos + 8]
+        if kind == b"IDAT":
+            pixels += png[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+    if not pixels:
+        raise ValueError("the PNG has no IDAT data")
+    return pixels
 
 
-_MODEL_ID = "nci-demo/tiny-vlm:1"
-_BUCKET = "nci-demo-models"
+def scene_png(scene: Scene) -> bytes:
+    """A shapes scene (``enclave.models.shapes``) as PNG bytes."""
+    from PIL import Image as PILImage
+
+    from enclave.models import shapes
+
+    array = (shapes.render(scene).transpose(1, 2, 0) * 255).round().astype("uint8")
+    buffer = io.BytesIO()
+    PILImage.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
-def _aws(kms: LocalKms, service: str, principal: str) -> Any:
-    return boto3.session.Session().client(
-        service,
-        endpoint_url=kms.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id=_PRINCIPALS[principal],
-        aws_secret_access_key="local-demo-secret",  # noqa: S106 (the local KMS checks no secret)
-    )
+def demo_questions(seed: int = 3, scenes: int = 4) -> list[Question]:
+    """``scenes`` held-out scenes, one question each (count, colour, shape, exists, …), plus the
+    captioning prompt about the first (its answer is long enough to be searched for)."""
+    from enclave.models import shapes
+    from enclave.models.train import CAPTION_PROMPT
 
-
-def _demo_model(folder: Path) -> Path:
-    """A small random model in safetensors, as a provider would have it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
-    tensors = {
-        "vision.patch_embed.weight": torch.randn(64, 48, generator=generator),
-        "lm.embed.weight": torch.randn(256, 64, generator=generator).to(torch.bfloat16),
-        "lm.head.weight": torch.randn(256, 64, generator=generator),
-    }
-    header: dict[str, Any] = {}
-    offset, blobs = 0, []
-    for name, tensor in tensors.items():
-        data = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        dtype = {torch.float32: "F32", torch.bfloat16: "BF16"}[tensor.dtype]
-        header[name] = {
-            "dtype": dtype,
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + len(data)],
-        }
-        offset += len(data)
-        blobs.append(data)
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    (folder / "model.safetensors").write_bytes(
-        len(encoded).to_bytes(8, "little") + encoded + b"".join(blobs)
-    )
-    (folder / "config.json").write_text(json.dumps({"model_type": "nci-demo", "hidden": 64}))
-    return folder
-
-
-def _original_tensors(folder: Path) -> dict[str, bytes]:
-    raw = (folder / "model.safetensors").read_bytes()
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + size])
-    base = 8 + size
-    return {
-        name: raw[base + meta["data_offsets"][0] : base + meta["data_offsets"][1]]
-        for name, meta in header.items()
-    }
-
-
-def _tampered_copy(bundle: Path, out: Path) -> Path:
-    shutil.copytree(bundle, out)
-    chunks = bytearray((out / "chunks.bin").read_bytes())
-    chunks[len(chunks) // 2] ^= 0x01
-    (out / "chunks.bin").write_bytes(bytes(chunks))
+    rng = shapes.scene_stream(seed, "heldout")
+    kinds = ("count", "colour", "shape", "exists", "colour_at", "where")
+    out: list[Question] = []
+    for index in range(scenes):
+        scene = shapes.sample_scene(rng, "heldout")
+        samples = {s.qtype: s for s in shapes.questions(scene, rng, "heldout")}
+        sample = samples[kinds[index % len(kinds)]]
+        png = scene_png(scene)
+        name = f"scene-{index + 1}.png"
+        caption = shapes.caption(scene)
+        out.append(Question(name, png, sample.question, sample.answer, caption))
+        if index == 0:
+            out.append(Question(name, png, CAPTION_PROMPT, caption, caption))
     return out
 
 
-@contextlib.contextmanager
-def _removed(folder: Path) -> Iterator[None]:
+def weight_samples(model_dir: Path, count: int = 64, size: int = 64) -> list[bytes]:
+    """``count`` slices of ``size`` bytes spread over the plaintext tensors of ``model_dir``
+    (the provider's folder), keeping only varied ones (a run of equal bytes proves nothing)."""
+    raw = (model_dir / "model.safetensors").read_bytes()
+    start = 8 + int.from_bytes(raw[:8], "little")
+    step = max((len(raw) - start - size) // count, size)
+    slices = [raw[offset : offset + size] for offset in range(start, len(raw) - size, step)]
+    return [s for s in slices[:count] if len(set(s)) >= size // 2]
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Outcomes:
+    """Every expected outcome of the run, by name, in order."""
+
+    items: list[tuple[str, bool]] = field(default_factory=list)
+
+    def add(self, name: str, ok: bool) -> bool:
+        self.items.append((name, ok))
+        return ok
+
+    @property
+    def failed(self) -> list[str]:
+        return [name for name, ok in self.items if not ok]
+
+
+def _run(state_dir: Path, out: TextIO) -> int:
+    say = _Printer(out)
+    outcomes = _Outcomes()
+    started = time.monotonic()
+    work = state_dir / "demo"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    system = LocalSystem(state_dir, boot_timeout=90)
     try:
-        yield
+        manifest = _provider(say, outcomes, system)
+        _parent_and_enclave(say, outcomes, system, manifest)
+        attestation = _consumer(say, outcomes, system, work)
+        _attackers(say, outcomes, system, manifest, attestation, work)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _background(streamer: BundleStreamer) -> Iterator[None]:
-    """Run the parent's streamer in its own event loop thread, as a separate service would."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="nci-demo-parent", daemon=True)
-    thread.start()
-    try:
-        asyncio.run_coroutine_threadsafe(streamer.start(), loop).result(10)
-        yield
-    finally:
-        asyncio.run_coroutine_threadsafe(streamer.close(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-
-
-_ACCOUNT = "123456789012"
-_ROLE = f"arn:aws:iam::{_ACCOUNT}:role/nci-parent-instance"
-_PROVIDER = f"arn:aws:iam::{_ACCOUNT}:role/nci-model-provider"
-_ADMIN = f"arn:aws:iam::{_ACCOUNT}:role/nci-key-admin"
-_PRINCIPALS = {_ROLE: "AKIANCIPARENT", _PROVIDER: "AKIANCIPROVIDER", _ADMIN: "AKIANCIADMIN"}
-_CONTEXT = {"nci:model": "demo", "nci:bundle": "demo-0001"}
-
-
-def _kms(kms: LocalKms, principal: str) -> Any:
-    return boto3.client(
-        "kms",
-        endpoint_url=kms.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id=_PRINCIPALS[principal],
-        aws_secret_access_key="local-demo-secret",  # noqa: S106 (the local KMS checks no secret)
-        config=kms_client_config(),
+        say.step("parent", "stop: SIGTERM to `nci parent run`; its launcher stops the enclave")
+        system.close()
+    outcomes.add("no process left", not system.leftovers)
+    say.detail(
+        "=> stopped; no process of the system is left"
+        if not system.leftovers
+        else f"=> LEFT RUNNING (killed now): pids {system.leftovers}"
     )
+    elapsed = time.monotonic() - started
+    if outcomes.failed:
+        out.write(
+            f"\ndemo: FAILED after {elapsed:.0f} s; outcomes that differ from the expected ones: "
+            f"{', '.join(outcomes.failed)}\n"
+        )
+        return 1
+    out.write(
+        f"\ndemo: everything went as expected in {elapsed:.0f} s: the attested enclave got the "
+        "key and served encrypted prompts, the parent saw only ciphertext, and every forgery, "
+        "tampering and unattested caller was refused\n"
+    )
+    return 0
+
+
+def _provider(say: _Printer, outcomes: _Outcomes, system: LocalSystem) -> Manifest:
+    kms = system.start_kms()
+    say.step("kms", f"local attestation-aware KMS and S3 (moto server) on {kms.endpoint_url}")
+    say.detail(f"the emulated NSM's local CA is kept in {system.state_dir / 'nsm'}")
+
+    key_id = system.create_key()
+    say.step("provider", f"create KMS key {key_id}, its policy bound to the enclave image:")
+    for index, value in sorted(system.measurements.items()):
+        say.detail(f"PCR{index} = {value.hex()}")
+    lint = system.lint
+    ok = lint is not None and lint.ok
+    outcomes.add("the key policy has no hole", ok)
+    say.step("auditor", f"lint the key policy: {'no hole found' if ok else 'HOLES'}")
+    for line in lint.can_decrypt if lint is not None else ():
+        say.detail(line)
+
+    say.step("provider", "seal the built-in model (AES-256-GCM chunks under a fresh data key)")
+    manifest = system.seal_and_publish()
+    say.detail(
+        f"{manifest.model_id}: {len(manifest.tensors)} tensors, {manifest.plaintext_size} bytes "
+        f"in {manifest.chunk_count} chunks; published to {system.s3_url} (moto S3)"
+    )
+    return manifest
+
+
+def _parent_and_enclave(
+    say: _Printer, outcomes: _Outcomes, system: LocalSystem, manifest: Manifest
+) -> None:
+    system.start_parent()
+    say.step("parent", "start `nci parent run`; its launcher starts `python -m enclave`")
+    root = system.root
+    say.detail(f"bridge           unix://{root}/bridge.sock  (consumers: {system.bridge_url})")
+    say.detail(f"bundle streamer  unix://{root}/bundles.sock  (S3 → enclave, ciphertext)")
+    say.detail(f"KMS relay        unix://{root}/kms.sock  (blind TCP relay → local KMS)")
+    say.detail(f"enclave control  unix://{root}/enclave.sock  (health, attestation, requests)")
+    say.detail("a recording tap sits on each of these four connections")
+
+    say.step("enclave", "boot (steps as the parent's /healthz reports them)")
+    system.wait_ready()
+    for step in system.boot_steps:
+        say.detail(f"{step.elapsed:5.1f} s  {step.describe()}")
+    outcomes.add("the enclave booted", True)
+
+    say.step("parent", "ask KMS for the model's data key with its own role, without attestation")
+    denied = _denied(
+        lambda: system.aws("kms", ROLE).decrypt(
+            CiphertextBlob=manifest.encrypted_data_key,
+            EncryptionContext=dict(manifest.encryption_context),
+        )
+    )
+    outcomes.add("the parent's role is refused the data key", denied)
+    say.detail("=> REFUSED (AccessDeniedException)" if denied else "=> RELEASED (!)")
+
+
+def _client(system: LocalSystem) -> Client:
+    from consumer import Client
+
+    return Client(
+        system.bridge_url, expect=system.expect_path, trust_local_root=system.root_pem_path
+    )
+
+
+def _consumer(say: _Printer, outcomes: _Outcomes, system: LocalSystem, work: Path) -> Attestation:
+    with _client(system) as client:
+        say.step("consumer", f"attest the enclave with a fresh nonce, through {system.bridge_url}")
+        attestation = client.attest()
+        for name, detail in attestation.checks():
+            say.detail(f"[ok  ] {name:<12} {detail}")
+        for line in attestation.describe():
+            say.detail(line)
+        say.detail("=> ACCEPTED: prompts are encrypted to this key only")
+
+        say.step("auditor", "verify the same document offline (attestation.audit)")
+        report = _audit(system, attestation, attestation.verified.document.raw)
+        say.report(report)
+        outcomes.add("the auditor accepts the document", report.valid)
+
+        questions = demo_questions()
+        say.step("consumer", f"ask {len(questions)} questions about generated images (streamed)")
+        secrets: list[bytes] = []
+        answers: list[str] = []
+        right = 0
+        for question in questions:
+            path = work / question.image
+            if not path.exists():
+                path.write_bytes(question.png)
+            say.detail(f"image  {path}: {question.caption}")
+            say.detail(f"Q      {question.prompt}")
+            say.detail(f"expect {question.expected}")
+            say.partial("model  ")
+            stream = client.generate(
+                question.prompt, images=[path], stream=True, max_tokens=24, temperature=0.0
+            )
+            for piece in stream:
+                say.piece(piece)
+            answer = stream.completion().text
+            say.piece("\n")
+            answers.append(answer)
+            right += answer.strip() == question.expected
+            secrets += [question.prompt.encode(), png_pixels(question.png)]
+        outcomes.add("every question was answered", all(a.strip() for a in answers))
+        say.detail(
+            f"=> {right} of {len(questions)} answers match the generator's (the built-in model "
+            "is a small demo model)"
+        )
+        _tampered_answer(say, outcomes, system, attestation, questions[0], secrets)
+    secrets += [a.encode() for a in answers if len(a.encode()) >= MIN_LEAK]
+    unchecked = sum(len(a.encode()) < MIN_LEAK for a in answers)
+    weights = weight_samples(system.model_dir)
+    _parent_view(say, outcomes, system, secrets, weights, unchecked)
+    return attestation
+
+
+def _tampered_answer(
+    say: _Printer,
+    outcomes: _Outcomes,
+    system: LocalSystem,
+    attestation: Attestation,
+    question: Question,
+    secrets: list[bytes],
+) -> None:
+    """The parent alters one byte of an encrypted answer: the consumer's OHTTP context refuses."""
+    from consumer.client import build_request
+    from protocol.inference import http_request, parse_http_response
+    from protocol.ohttp import MEDIA_TYPE_REQUEST, encapsulate_request
+
+    say.step("attacker", "the parent flips one bit of an encrypted answer on its way back")
+    request = build_request(
+        question.prompt,
+        images=[("image/png", question.png)],
+        max_tokens=24,
+        temperature=0.0,
+    )
+    body, context = encapsulate_request(attestation.key_config, http_request(request))
+    post = urllib.request.Request(  # noqa: S310 (our own loopback URL)
+        f"{system.bridge_url}/v1/infer",
+        data=body,
+        headers={"Content-Type": MEDIA_TYPE_REQUEST},
+        method="POST",
+    )
+    with urllib.request.urlopen(post, timeout=60) as response:  # noqa: S310
+        data = response.read()
+    tampered = bytearray(data)
+    tampered[len(tampered) // 2] ^= 0x01
+    try:
+        context.decapsulate_response(bytes(tampered))
+        refused = False
+    except OhttpError as exc:
+        refused = True
+        say.detail(f"=> REFUSED ({type(exc).__name__}: {exc})")
+    genuine = parse_http_response(context.decapsulate_response(data)).text
+    outcomes.add("an altered answer is refused", refused)
+    if not refused:
+        say.detail("=> ACCEPTED (!)")
+    say.detail(f"(the same answer, unaltered, opens: {genuine!r})")
+    if len(genuine.encode()) >= MIN_LEAK:
+        secrets.append(genuine.encode())
+
+
+def _parent_view(
+    say: _Printer,
+    outcomes: _Outcomes,
+    system: LocalSystem,
+    secrets: list[bytes],
+    weights: list[bytes],
+    unchecked: int,
+) -> None:
+    say.step("parent", "what crossed the parent, as its four taps recorded it")
+    taps = [system.taps[name] for name in (TAP_BRIDGE, TAP_CONTROL, TAP_BUNDLES, TAP_KMS)]
+    for tap in taps:
+        say.detail(f"{tap.name:<27} {tap.bytes_relayed:>10} bytes, {tap.connections} connection(s)")
+    total = sum(tap.bytes_relayed for tap in taps)
+    found = leaks(secrets + weights, [tap.captured for tap in taps])
+    logs = [system.parent_log.read_bytes(), system.enclave_log.read_bytes()]
+    in_logs = leaks(secrets + weights, logs)
+    say.detail(
+        f"searched for {len(secrets)} prompts, images and answers and {len(weights)} samples of "
+        f"the plaintext weights (any {MIN_LEAK}-byte piece)"
+    )
+    if unchecked:
+        say.detail(f"({unchecked} answers are shorter than {MIN_LEAK} bytes: too short to search)")
+    say.detail(
+        f"=> bytes relayed: {total} across {len(taps)} connections, plaintext found: "
+        + ("none" if not found else f"{len(found)} secrets (!)")
+    )
+    say.detail(
+        "=> parent's and enclave's logs: plaintext found: "
+        + ("none" if not in_logs else f"{len(in_logs)} secrets (!)")
+    )
+    outcomes.add("the parent relayed only ciphertext", not found)
+    outcomes.add("the logs hold no plaintext", not in_logs)
+
+
+def _attackers(
+    say: _Printer,
+    outcomes: _Outcomes,
+    system: LocalSystem,
+    manifest: Manifest,
+    attestation: Attestation,
+    work: Path,
+) -> None:
+    raw = attestation.verified.document.raw
+    public_key = attestation.verified.public_key or b""
+
+    say.step("attacker", "flip one bit of the attested public key (a man in the middle)")
+    index = raw.index(public_key) + len(public_key) - 1
+    forged = raw[:index] + bytes([raw[index] ^ 1]) + raw[index + 1 :]
+    report = _audit(system, attestation, forged)
+    say.report(report, brief=True)
+    outcomes.add("a forged document is refused", not report.valid)
+
+    say.step("attacker", "present the emulator's document to a verifier that trusts only AWS")
+    report = _audit(system, attestation, raw, roots=[TrustRoot.aws_nitro_g1()])
+    say.report(report, brief=True)
+    outcomes.add("an AWS-only verifier refuses the emulator", not report.valid)
+
+    say.step("attacker", "a modified enclave image (new code: PCR0 differs) asks for the data key")
+    from enclave.keyrelease import KeyRelease
+
+    changed = dict(system.measurements)
+    changed[0] = _measure.extend(changed[0], b"a backdoor")
+    rogue = EmulatedNsm(state_dir=system.state_dir, measurements=changed)
+    with _quiet("enclave.keyrelease"):  # its warning about the refusal is the expected outcome
+        denied = _denied(
+            lambda: KeyRelease(NsmClient(rogue), system.aws("kms", ROLE)).decrypt(
+                manifest.encrypted_data_key, encryption_context=manifest.encryption_context
+            )
+        )
+    outcomes.add("a modified enclave image is refused the key", denied)
+    say.detail("=> REFUSED (AccessDeniedException)" if denied else "=> RELEASED (!)")
+
+    say.step("attacker", "the parent flips one bit of one sealed chunk of the bundle")
+    refused = _tampered_chunk(say, system, manifest, work)
+    outcomes.add("a tampered sealed chunk is refused", refused)
+
+
+def _tampered_chunk(say: _Printer, system: LocalSystem, manifest: Manifest, work: Path) -> bool:
+    """An attested (genuine) enclave, in this process, unlocks a copy of the bundle with one bit
+    flipped, streamed by the parent's streamer: it is caught before any tensor is handed out."""
+    from enclave.keyrelease import KeyRelease
+    from enclave.unlock import Unlocker
+    from parent.bundlesource import FolderSource
+    from parent.streamer import BundleStreamer
+
+    tampered = work / "tampered-bundle"
+    shutil.copytree(system.bundle_dir, tampered)
+    with open(tampered / "chunks.bin", "r+b") as handle:
+        handle.seek(manifest.sealed_size // 2)
+        byte = handle.read(1)
+        handle.seek(manifest.sealed_size // 2)
+        handle.write(bytes([byte[0] ^ 0x01]))
+    address = parse_address(f"unix://{system.root}/tampered.sock")
+    streamer = BundleStreamer(address, {"tampered": FolderSource(tampered)})
+    system.run(streamer.start())
+    try:
+        nsm = EmulatedNsm(state_dir=system.state_dir, measurements=system.measurements)
+        unlocker = Unlocker(
+            address,
+            KeyRelease(NsmClient(nsm), system.aws("kms", ROLE)),
+            expected_model_id=manifest.model_id,
+            expected_kms_key_id=manifest.kms_key_id,
+            timeout=10,
+        )
+        try:
+            unlocker.load("tampered")
+        except BundleIntegrityError as exc:
+            say.detail(f"=> REFUSED (BundleIntegrityError: {exc}); no tensor was handed out")
+            return True
+        say.detail("=> UNLOCKED (!)")
+        return False
+    finally:
+        system.run(streamer.close())
+        shutil.rmtree(tampered, ignore_errors=True)
+
+
+def _audit(
+    system: LocalSystem,
+    attestation: Attestation,
+    raw: bytes,
+    *,
+    roots: list[TrustRoot] | None = None,
+) -> AuditReport:
+    """The auditor's report on ``raw`` under the consumer's expectations and nonce."""
+    policy = Policy.expect(
+        system.measurements,
+        nonce=Nonce(attestation.nonce),
+        max_age=timedelta(minutes=5),
+        public_key=attestation.verified.public_key,
+    )
+    if roots is None:
+        roots = [TrustRoot.aws_nitro_g1(), TrustRoot.local(system.root_pem_path.read_bytes())]
+    return audit(raw, roots=roots, now=datetime.now(UTC), policy=policy)
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Hold back the warnings of logger ``name`` for the duration."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _denied(call: Callable[[], object]) -> bool:
@@ -379,10 +557,6 @@ def _denied(call: Callable[[], object]) -> bool:
     return False
 
 
-def _valid(document: bytes, roots: list[TrustRoot], policy: Policy) -> bool:
-    return audit(document, roots=roots, now=datetime.now(UTC), policy=policy).valid
-
-
 class _Printer:
     def __init__(self, out: TextIO) -> None:
         self._out = out
@@ -391,9 +565,19 @@ class _Printer:
     def step(self, who: str, text: str) -> None:
         self._count += 1
         self._out.write(f"\n({self._count}) {who:<8} {text}\n")
+        self._flush()
 
     def detail(self, text: str) -> None:
         self._out.write(f"             {text}\n")
+        self._flush()
+
+    def partial(self, text: str) -> None:
+        self._out.write(f"             {text}")
+        self._flush()
+
+    def piece(self, text: str) -> None:
+        self._out.write(text)
+        self._flush()
 
     def report(self, report: AuditReport, *, brief: bool = False) -> None:
         for outcome in report.checks:
@@ -405,3 +589,7 @@ class _Printer:
             self.detail(f"NOTE: {note}")
         verdict = "ACCEPTED" if report.valid else f"REFUSED ({type(report.error).__name__})"
         self.detail(f"=> {verdict}")
+
+    def _flush(self) -> None:
+        with contextlib.suppress(AttributeError, OSError):
+            self._out.flush()

@@ -274,7 +274,11 @@ def _launcher(config: ParentConfig) -> Launcher:
     if launcher is None:
         raise ConfigError("no launcher is configured")
     return LocalLauncher(
-        launcher.enclave_config, grace=launcher.grace, backoff_max=launcher.backoff_max
+        launcher.enclave_config,
+        grace=launcher.grace,
+        backoff_max=launcher.backoff_max,
+        log=launcher.log,
+        verbose=launcher.verbose,
     )
 
 

@@ -19,10 +19,15 @@ failure after response bytes went out cannot become an error status: the bridge 
 connection without the final chunk, and the consumer fails closed.
 
 Limits, all in :class:`BridgeLimits`: the body cap (413 from ``Content-Length`` before reading, and
-counted while reading), concurrent inference requests (429 with ``Retry-After`` instead of a
-queue), a deadline on every read from the consumer (slowloris: headers through the server's
-keep-alive timeout, the body per read), a deadline on the whole request, and backpressure (every
-write to the consumer waits for the transport to drain, within a deadline).
+counted while reading), concurrent inference requests, request bodies being received and
+attestation requests (each its own budget; over it, 429 with ``Retry-After`` instead of a queue), a
+deadline on every read from the consumer and on the whole body (slowloris: headers through the
+server's keep-alive timeout, the body per read and in total, 408), a deadline on the whole request,
+and backpressure (every write to the consumer waits for the transport to drain, within a deadline).
+
+An inference request holds an inference slot only from its complete body to the end of its
+response: a consumer that uploads slowly holds an upload slot for at most ``body_timeout`` seconds
+and never keeps anyone from the enclave.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from typing import Final
 
 from aiohttp import web
 
+from parent._bridgemetrics import BridgeMetrics, Slots
 from parent.enclave_link import EnclaveError, EnclaveLink
 from parent.metrics import CONTENT_TYPE, Registry
 from protocol.control import MAX_INFER_REQUEST, MAX_NONCE, MIN_NONCE, InferMode, InferRequest
@@ -70,11 +76,18 @@ _STATUS: Final[dict[str, tuple[int, str, bool]]] = {
 
 @dataclass(frozen=True)
 class BridgeLimits:
-    """Limits of the bridge; every one fails closed."""
+    """Limits of the bridge; every one fails closed.
+
+    Request bodies in memory are bounded by ``(upload_limit + max_concurrency) × max_body_bytes``
+    (with the defaults, 24 × 16 MiB), whatever consumers do.
+    """
 
     max_body_bytes: int = MAX_INFER_REQUEST  # encapsulated request cap (413)
-    max_concurrency: int = 8  # inference requests at once; more get 429
+    max_concurrency: int = 8  # inference requests at once (body complete, enclave working); 429
+    max_uploads: int | None = None  # bodies being received at once (None: 2 × the above); 429
+    max_attestations: int = 4  # attestation requests at once; more get 429
     client_read_timeout: float = 30.0  # each read from the consumer (headers, body pieces)
+    body_timeout: float = 30.0  # the whole request body, from its first read to its last (408)
     request_deadline: float = 600.0  # the whole request, first byte of body to last of response
     write_timeout: float = 30.0  # each write to a consumer that stopped reading
     retry_after: int = 5  # Retry-After (seconds) for 503
@@ -82,13 +95,18 @@ class BridgeLimits:
     linger: float = 1.0  # after refusing a body, discard (never keep) what still arrives this long
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_concurrency", "retry_after", "busy_retry_after"):
+        for name in (
+            "max_body_bytes", "max_concurrency", "max_uploads", "max_attestations",
+            "retry_after", "busy_retry_after",
+        ):  # fmt: skip
             value = getattr(self, name)
-            if type(value) is not int or value < 1:
+            if (type(value) is not int or value < 1) and not (
+                name == "max_uploads" and value is None
+            ):
                 raise ConfigError(f"limits.{name} must be a positive integer")
         if self.max_body_bytes > MAX_INFER_REQUEST:
             raise ConfigError(f"limits.max_body_bytes is at most {MAX_INFER_REQUEST}")
-        for name in ("client_read_timeout", "request_deadline", "write_timeout"):
+        for name in ("client_read_timeout", "body_timeout", "request_deadline", "write_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ConfigError(f"limits.{name} must be a positive number of seconds")
@@ -97,58 +115,10 @@ class BridgeLimits:
         if not 0 <= self.linger <= 10:
             raise ConfigError("limits.linger must be 0..10 seconds")
 
-
-class _Metrics:
-    def __init__(self, registry: Registry, link: EnclaveLink) -> None:
-        self.requests = registry.counter(
-            "nci_bridge_requests_total", "HTTP requests answered, by route and status.",
-            ("route", "status"),
-        )  # fmt: skip
-        self.bytes_in = registry.counter(
-            "nci_bridge_request_bytes_total", "Request body bytes received, by route.", ("route",)
-        )
-        self.bytes_out = registry.counter(
-            "nci_bridge_response_bytes_total", "Response body bytes sent, by route.", ("route",)
-        )
-        self.latency = registry.histogram(
-            "nci_bridge_request_duration_seconds",
-            "Time from the request's headers to the end of its response, by route.",
-            ("route",),
-        )
-        self.aborted = registry.counter(
-            "nci_bridge_aborted_streams_total",
-            "Responses cut off after they started (enclave failure, deadline, consumer gone).",
-            ("reason",),
-        )
-        self.in_flight = registry.gauge(
-            "nci_bridge_inference_in_flight", "Inference requests in progress."
-        )
-        self.in_flight.set(0)
-
-        def enclave_state() -> list[tuple[dict[str, str], float]]:
-            health = link.last_health
-            current = "unreachable" if not link.connected else (health.state if health else "")
-            return [
-                ({"state": state}, 1.0 if state == current else 0.0)
-                for state in ("booting", "ready", "failed", "unreachable")
-            ]
-
-        registry.callback(
-            "nci_enclave_state", "The enclave's state as last seen (1 = current).", "gauge",
-            enclave_state, ("state",),
-        )  # fmt: skip
-        registry.callback(
-            "nci_enclave_connections_total", "Control connections made to the enclave.",
-            "counter", lambda: [({}, link.connections)],
-        )  # fmt: skip
-        registry.callback(
-            "nci_enclave_open_streams", "Requests waiting on the control connection.", "gauge",
-            lambda: [({}, link.open_streams)],
-        )  # fmt: skip
-        registry.callback(
-            "nci_enclave_served_total", "Inference requests the enclave reports answered.",
-            "counter", lambda: [({}, link.last_health.served if link.last_health else 0)],
-        )  # fmt: skip
+    @property
+    def upload_limit(self) -> int:
+        """Request bodies received at once: ``max_uploads``, or twice ``max_concurrency``."""
+        return self.max_uploads if self.max_uploads is not None else 2 * self.max_concurrency
 
 
 class _Bridge:
@@ -156,8 +126,10 @@ class _Bridge:
         self.link = link
         self.limits = limits
         self.registry = registry
-        self.counters = _Metrics(registry, link)
-        self.in_flight = 0
+        self.counters = BridgeMetrics(registry, link)
+        self.inference = Slots(limits.max_concurrency, self.counters.in_flight)
+        self.uploads = Slots(limits.upload_limit, self.counters.uploads)
+        self.attestations = Slots(limits.max_attestations, self.counters.attestations)
 
     # -- middleware: metrics for every request (route names only, never paths or bodies) --------
 
@@ -222,8 +194,13 @@ class _Bridge:
                 f"nonce must be one hex string of {MIN_NONCE}..{MAX_NONCE} bytes",
                 status=400,
             )
+        # the enclave's NSM is slow and shared: a flood waits in no queue here and cannot keep
+        # the control connection's streams from inference
+        if self.attestations.full():
+            return self.problem("busy", "too many attestation requests in progress")
         try:
-            document = await self.link.attest(bytes.fromhex(values[0]))
+            with self.attestations.hold():
+                document = await self.link.attest(bytes.fromhex(values[0]))
         except EnclaveError as exc:
             logger.info("attestation failed: %s", exc.code)
             return self.problem(exc.code, _detail(exc))
@@ -238,9 +215,8 @@ class _Bridge:
 
     async def infer(self, request: web.Request) -> web.StreamResponse:
         limits = self.limits
-        # (1) admission before reading anything: concurrency, media type, declared size
-        if self.in_flight >= limits.max_concurrency:
-            return self.problem("busy", "too many inference requests in progress", close=True)
+        # (1) admission before reading anything: media type, declared size, room to run it
+        # (a body that could not run now is not worth receiving), room to receive it
         try:
             mode = InferMode.for_media_type(request.headers.get("Content-Type", ""))
         except FrameError as exc:
@@ -250,15 +226,24 @@ class _Bridge:
             return self.problem(
                 "too_large", f"the body is capped at {limits.max_body_bytes} bytes", close=True
             )
-        self.in_flight += 1
-        self.counters.in_flight.set(self.in_flight)
+        if self.inference.full():
+            return self.problem("busy", "too many inference requests in progress", close=True)
+        if self.uploads.full():
+            return self.problem("busy", "too many request bodies being received", close=True)
         try:
             async with asyncio.timeout(limits.request_deadline):
-                # (2) the body, counted and with a deadline per read; (3) the enclave's answer
-                body = await self._read_body(request)
+                # (2) the body, under the upload budget, counted, with a deadline per read and
+                # one for the whole body: a slow uploader holds no inference slot
+                with self.uploads.hold():
+                    body = await self._read_body(request)
                 if isinstance(body, web.Response):
                     return body
-                return await self._relay(request, mode, body)
+                # (3) an inference slot, now that the body is complete (it was all read, so the
+                # connection may stay open), then the enclave's answer
+                if self.inference.full():
+                    return self.problem("busy", "too many inference requests in progress")
+                with self.inference.hold():
+                    return await self._relay(request, mode, body)
         except TimeoutError:
             if _PREPARED not in request:
                 return self.problem("timeout", "the request took too long", close=True)
@@ -266,25 +251,25 @@ class _Bridge:
             self.counters.aborted.inc(reason="deadline")
             _abort(request)
             return prepared
-        finally:
-            self.in_flight -= 1
-            self.counters.in_flight.set(self.in_flight)
 
     async def _read_body(self, request: web.Request) -> bytes | web.Response:
+        """The request body (untrusted bytes from the internet, kept opaque), or the answer that
+        refuses it: 413 over the cap, 408 when a read or the whole body is too slow."""
         cap = self.limits.max_body_bytes
         body = bytearray()
         try:
-            while True:
-                async with asyncio.timeout(self.limits.client_read_timeout):
-                    piece = await request.content.readany()
-                if not piece:
-                    break
-                if len(body) + len(piece) > cap:
-                    self.counters.bytes_in.inc(len(body) + len(piece), route="infer")
-                    return self.problem(
-                        "too_large", f"the body is capped at {cap} bytes", close=True
-                    )
-                body += piece
+            async with asyncio.timeout(self.limits.body_timeout):
+                while True:
+                    async with asyncio.timeout(self.limits.client_read_timeout):
+                        piece = await request.content.readany()
+                    if not piece:
+                        break
+                    if len(body) + len(piece) > cap:
+                        self.counters.bytes_in.inc(len(body) + len(piece), route="infer")
+                        return self.problem(
+                            "too_large", f"the body is capped at {cap} bytes", close=True
+                        )
+                    body += piece
         except TimeoutError:
             self.counters.bytes_in.inc(len(body), route="infer")
             return self.problem(

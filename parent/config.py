@@ -31,12 +31,16 @@ with every key (the optional sections may be left out; defaults shown)::
       source: session                     # session (boto3 chain, IMDS on EC2) | env | none
       refresh_interval: 60
     launcher:                             # optional: the enclave is started elsewhere
-      local: {enclave_config: state/enclave.json, grace: 10, backoff_max: 30}
+      local: {enclave_config: state/enclave.json, grace: 10, backoff_max: 30,
+              log: state/enclave.log, verbose: false}   # log: null inherits the parent's stderr
       # or: aws: {eif_path: /opt/nci/enclave.eif, cpu_count: 2, memory_mib: 4096, cid: 16}
     limits:                               # the bridge's limits (parent.bridge.BridgeLimits)
-      max_body_bytes: 16777216
-      max_concurrency: 8
-      client_read_timeout: 30
+      max_body_bytes: 16777216            # request body cap (413)
+      max_concurrency: 8                  # inference requests at once, body received (429)
+      max_uploads: null                   # bodies being received at once; null: 2 × max_concurrency
+      max_attestations: 4                 # attestation requests at once (429)
+      client_read_timeout: 30             # each read from a consumer (headers, body pieces)
+      body_timeout: 30                    # a whole request body (408)
       request_deadline: 600
       write_timeout: 30
       retry_after: 5
@@ -105,6 +109,8 @@ class LocalLauncherConfig:
     enclave_config: Path
     grace: float = 10.0
     backoff_max: float = 30.0
+    log: Path | None = None  # the enclave's standard error goes here (appended), else inherited
+    verbose: bool = False  # run the enclave with -v (INFO logs: step names and counters only)
 
 
 @dataclass(frozen=True)
@@ -301,6 +307,8 @@ def _launcher(section: _Section | None) -> LocalLauncherConfig | AwsLauncherConf
             enclave_config=local.path_value("enclave_config"),
             grace=local.number("grace", 10.0),
             backoff_max=local.number("backoff_max", 30.0),
+            log=local.path_value("log") if local.get("log", None) is not None else None,
+            verbose=local.flag("verbose", False),
         )
         local.done()
     else:
@@ -324,7 +332,7 @@ def _limits(section: _Section | None) -> BridgeLimits:
     values: dict[str, Any] = {}
     for f in dataclasses.fields(BridgeLimits):
         default = getattr(defaults, f.name)
-        if isinstance(default, int):
+        if default is None or isinstance(default, int):  # None: an integer, or null for "derived"
             values[f.name] = section.integer(f.name, default)
         else:
             values[f.name] = section.number(f.name, default, zero=f.name == "linger")
@@ -391,6 +399,10 @@ class _Section:
 
         rule = "a number, at least 0" if zero else "a positive number"
         return float(self._typed(key, default, check, rule))
+
+    def flag(self, key: str, default: object = _MISSING) -> bool:
+        value: bool = self._typed(key, default, lambda v: type(v) is bool, "true or false")
+        return value
 
     def path_value(self, key: str) -> Path:
         path = Path(self.text(key))

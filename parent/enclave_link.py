@@ -10,8 +10,10 @@ attestation and inference, multiplexed by ``stream_id``::
       ├─ attest(nonce)     ATTESTATION_REQUEST  → ATTESTATION_RESPONSE      (document bytes)
       ├─ infer(request)    INFER_REQUEST        → INFER_RESPONSE_CHUNK… END (async iterator)
       ├─ send_credentials  CREDENTIALS (stream 0, no answer)
-      └─ (abandoned)       ERROR {"code": "cancelled"} on a stream whose caller gave up: the
-                           enclave stops generating for it (enclave/server.py)
+      └─ (abandoned)       ERROR {"code": "cancelled"} on any stream the parent gives up on
+                           before the enclave ended it (a deadline passed, the caller was
+                           cancelled, its reader fell behind): the enclave stops working on it
+                           and frees its stream (enclave/server.py)
 
 Stream ids are assigned here, non-zero, increasing (wrapping only after 2³²−1 requests), so a late
 frame of an abandoned stream can never be mistaken for a later request's; frames of streams
@@ -25,37 +27,30 @@ trusted party, but the bytes still cross a transport the parent's operator contr
 frames are checked exactly as anywhere else (header before payload, size caps, strict decoders).
 
 The hot path uses the asyncio Protocol API (no StreamReader copies, no per-frame task): frames are
-parsed in ``data_received`` and handed to per-stream queues. Deadlines: a frame that has started
-must complete within ``frame`` seconds; every wait of a caller for its next frame has its own
-deadline; writes wait for the transport's buffer to drain within ``write`` seconds. Memory: a
-stream whose reader falls more than ``stream_buffer`` bytes behind (a consumer that stopped
-reading) is cancelled with ``EnclaveError("overflow")``; the connection itself is never paused, so
-one slow consumer cannot stall the others (nor trip the enclave's write deadline).
+parsed in ``data_received`` and handed to per-stream queues (both in :mod:`parent._linkprotocol`).
+Deadlines: a frame that has started must complete within ``frame`` seconds; every wait of a caller
+for its next frame has its own deadline; writes wait for the transport's buffer to drain within
+``write`` seconds. Memory: a stream whose reader falls more than ``stream_buffer`` bytes behind (a
+consumer that stopped reading) is cancelled with ``EnclaveError("overflow")``; the connection
+itself is never paused, so one slow consumer cannot stall the others (nor trip the enclave's write
+deadline).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, cast
+from typing import Final
 
+from parent._linkprotocol import FrameConnection, Received, StreamQueue
 from protocol.control import ERROR_CODES, Credentials, Health, InferRequest, check_nonce
 from protocol.errors import ConfigError, FrameError, TransportError
-from protocol.frames import (
-    DEFAULT_MAX_PAYLOAD,
-    HEADER_SIZE,
-    ErrorPayload,
-    Frame,
-    FrameType,
-    decode_header,
-    encode_frame,
-)
+from protocol.frames import DEFAULT_MAX_PAYLOAD, ErrorPayload, Frame, FrameType, encode_frame
 from protocol.transport import Address, check_timeout
 
 __all__ = ["EnclaveError", "EnclaveLink", "InferStream", "LinkTimeouts"]
@@ -105,69 +100,6 @@ class LinkTimeouts:
                 raise ConfigError(f"timeouts.{name} must be a positive number of seconds") from None
 
 
-# -- streams -----------------------------------------------------------------------------------
-
-_Received = tuple[FrameType, bytes]  # a frame as queued for its stream: type and payload
-
-
-class _Stream:
-    """Frames of one stream id, waiting for their reader."""
-
-    __slots__ = ("buffered", "error", "frames", "id", "waiter")
-
-    def __init__(self, stream_id: int) -> None:
-        self.id = stream_id
-        self.frames: collections.deque[_Received] = collections.deque()
-        self.buffered = 0  # payload bytes queued, not yet taken by the reader
-        self.waiter: asyncio.Future[None] | None = None
-        self.error: EnclaveError | None = None
-
-    def put(self, frame: _Received) -> None:
-        self.frames.append(frame)
-        self.buffered += len(frame[1])
-        self._wake()
-
-    def fail(self, error: EnclaveError, *, drop: bool = False) -> None:
-        """End the stream with ``error``: after the queued frames, or at once with ``drop``."""
-        if self.error is None:
-            self.error = error
-        if drop:
-            self.frames.clear()
-            self.buffered = 0
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def get(self, timeout: float, what: str) -> _Received:
-        """The next frame's type and payload, within ``timeout`` seconds."""
-        while not self.frames:
-            if self.error is not None:
-                raise self.error
-            loop = asyncio.get_running_loop()
-            waiter = self.waiter = loop.create_future()
-            timer = loop.call_later(timeout, _expire, waiter)
-            try:
-                await waiter
-            except TimeoutError:
-                raise EnclaveError(
-                    "timeout", f"the enclave did not answer {what} in {timeout} s"
-                ) from None
-            finally:
-                timer.cancel()
-                self.waiter = None
-        frame = self.frames.popleft()
-        self.buffered -= len(frame[1])
-        return frame
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
-
-
 class InferStream:
     """The response of one inference request: ``async for chunk in stream`` yields the bytes of
     each INFER_RESPONSE_CHUNK, in order, and ends on INFER_RESPONSE_END.
@@ -180,7 +112,7 @@ class InferStream:
     def __init__(self, link: EnclaveLink, request: InferRequest) -> None:
         self._link = link
         self._request = request
-        self._stream: _Stream | None = None
+        self._stream: StreamQueue | None = None
         self._done = False
         self.started = False
         """True once a chunk has been handed to the caller."""
@@ -198,33 +130,31 @@ class InferStream:
                 timeout = self._link.timeouts.first_response
             else:
                 timeout = self._link.timeouts.between_chunks
-            frame = await self._stream.get(timeout, "an inference request")
+            frame = await _next(self._stream, timeout, "an inference request")
         except EnclaveError as exc:
-            self._finish()
+            self._finish(ended=False)  # a deadline or a lost connection: the link gives up
             exc.mid_stream = self.started
             raise
         kind, payload = frame
         if kind is FrameType.INFER_RESPONSE_CHUNK:
             self.started = True
             return payload
-        self._finish()
+        # END and ERROR end the stream in the enclave too; any other type is a confused stream
+        self._finish(ended=kind in (FrameType.INFER_RESPONSE_END, FrameType.ERROR))
         if kind is FrameType.INFER_RESPONSE_END:
             raise StopAsyncIteration
         raise _stream_error(frame, "INFER_RESPONSE_CHUNK", mid_stream=self.started)
 
-    def _finish(self) -> None:
+    def _finish(self, *, ended: bool) -> None:
         self._done = True
         if self._stream is not None:
-            self._link._close_stream(self._stream)
+            self._link._release(self._stream, ended=ended)
 
     async def aclose(self) -> None:
         """Release the stream; if its response had not ended, tell the enclave to stop working
         on it (an ERROR frame from the parent cancels a stream)."""
         if not self._done:
-            stream = self._stream
-            self._finish()
-            if stream is not None:
-                self._link._cancel(stream.id)
+            self._finish(ended=False)
 
     async def __aenter__(self) -> InferStream:
         return self
@@ -238,7 +168,15 @@ class InferStream:
         await self.aclose()
 
 
-def _stream_error(frame: _Received, expected: str, *, mid_stream: bool = False) -> EnclaveError:
+async def _next(stream: StreamQueue, timeout: float, what: str) -> Received:
+    """The stream's next frame; ``EnclaveError("timeout")`` when none comes within ``timeout``."""
+    try:
+        return await stream.get(timeout)
+    except TimeoutError:
+        raise EnclaveError("timeout", f"the enclave did not answer {what} in {timeout} s") from None
+
+
+def _stream_error(frame: Received, expected: str, *, mid_stream: bool = False) -> EnclaveError:
     """The error to raise for ``frame`` where ``expected`` was due (ERROR or a wrong type)."""
     kind, payload = frame
     if kind is FrameType.ERROR:
@@ -257,122 +195,11 @@ def _stream_error(frame: _Received, expected: str, *, mid_stream: bool = False) 
     )
 
 
-# -- the connection ----------------------------------------------------------------------------
-
-
-class _Connection(asyncio.Protocol):
-    """One control connection: frames in (parsed in ``data_received``), frames out."""
-
-    def __init__(self, link: EnclaveLink) -> None:
-        self._link = link
-        self._loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
-        self.closed: asyncio.Future[None] = self._loop.create_future()
-        self._buffer = bytearray()
-        self._partial_since = 0.0  # when the incomplete frame in the buffer started
-        self._frame_timer: asyncio.TimerHandle | None = None
-        self._write_paused = False
-        self._drain_waiters: list[asyncio.Future[None]] = []
-
-    # asyncio.Protocol ---------------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        link = self._link
-        buffer = self._buffer
-        had_partial = bool(buffer)
-        # frames are cut from ``data`` itself when nothing is pending (the common case)
-        source: bytes | bytearray = data
-        if had_partial:
-            buffer += data
-            source = buffer
-        size = len(source)
-        position = 0
-        try:
-            while size - position >= HEADER_SIZE:
-                kind, stream_id, length = decode_header(
-                    bytes(source[position : position + HEADER_SIZE]), max_payload=link.max_payload
-                )
-                end = position + HEADER_SIZE + length
-                if end > size:
-                    break
-                link._dispatch(stream_id, (kind, bytes(source[position + HEADER_SIZE : end])))
-                position = end
-        except FrameError as exc:
-            # a bad header: the byte stream cannot be resynchronised; drop the connection
-            logger.warning("enclave link: bad frame from the enclave (%s); reconnecting", exc)
-            self.abort()
-            return
-        if had_partial:
-            del buffer[:position]
-        elif position < size:
-            buffer += data[position:]
-        if buffer and (position or not had_partial):
-            self._partial_since = self._loop.time()
-            if self._frame_timer is None:
-                self._frame_timer = self._loop.call_later(
-                    link.timeouts.frame, self._check_frame_deadline
-                )
-
-    def _check_frame_deadline(self) -> None:
-        self._frame_timer = None
-        if not self._buffer or self.transport is None:
-            return
-        elapsed = self._loop.time() - self._partial_since
-        if elapsed < self._link.timeouts.frame:
-            delay = self._link.timeouts.frame - elapsed
-            self._frame_timer = self._loop.call_later(delay, self._check_frame_deadline)
-            return
-        logger.warning("enclave link: a frame did not complete within %s s", elapsed)
-        self.abort()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        if self._frame_timer is not None:
-            self._frame_timer.cancel()
-            self._frame_timer = None
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_exception(ConnectionResetError("connection lost"))
-        self._drain_waiters.clear()
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._drain_waiters.clear()
-
-    # ours ----------------------------------------------------------------------------------------
-
-    async def send(self, data: bytes, timeout: float) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("connection lost")
-        transport.write(data)
-        if self._write_paused:
-            waiter = self._loop.create_future()
-            self._drain_waiters.append(waiter)
-            try:
-                async with asyncio.timeout(timeout):
-                    await waiter
-            except TimeoutError:
-                self.abort()  # the enclave stopped reading; its frames cannot be recalled
-                raise
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-
 # -- the link ----------------------------------------------------------------------------------
+
+
+STABLE_CONNECTION: Final = 5.0
+"""Seconds a connection must last before a drop reconnects at the initial backoff again."""
 
 
 class EnclaveLink:
@@ -407,9 +234,9 @@ class EnclaveLink:
         self._backoff = (backoff_initial, max(backoff_initial, backoff_max))
         self._health_interval = health_interval
         self._stream_buffer = stream_buffer
-        self._streams: dict[int, _Stream] = {}
+        self._streams: dict[int, StreamQueue] = {}
         self._next_id = 1
-        self._connection: _Connection | None = None
+        self._connection: FrameConnection | None = None
         self._connected = asyncio.Event()
         self._hooks: list[Callable[[], Awaitable[None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -485,7 +312,7 @@ class EnclaveLink:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, cap)
                 continue
-            delay = initial
+            started = asyncio.get_running_loop().time()
             self.connections += 1
             self._connection = connection
             logger.info(
@@ -505,15 +332,24 @@ class EnclaveLink:
                 self._connected.clear()
                 self._connection = None
                 self._fail_all("the connection to the enclave dropped")
-            logger.warning("enclave link: connection to %s lost; reconnecting", self.address)
+            # a peer that accepts and hangs up at once (a relay in front of a stopped enclave)
+            # must not put the link in a tight loop: only a connection that lasted resets backoff
+            lived = asyncio.get_running_loop().time() - started
+            delay = initial if lived >= STABLE_CONNECTION else min(delay * 2, cap)
+            logger.warning(
+                "enclave link: connection to %s lost; reconnecting in %.2f s", self.address, delay
+            )
+            await asyncio.sleep(delay)
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> FrameConnection:
         loop = asyncio.get_running_loop()
         address = self.address
         timeout = self.timeouts.connect
 
-        def factory() -> _Connection:
-            return _Connection(self)
+        def factory() -> FrameConnection:
+            return FrameConnection(
+                self._dispatch, max_payload=self.max_payload, frame_timeout=self.timeouts.frame
+            )
 
         try:
             async with asyncio.timeout(timeout):
@@ -534,8 +370,8 @@ class EnclaveLink:
         return connection
 
     async def _connect_vsock(
-        self, loop: asyncio.AbstractEventLoop, factory: Callable[[], _Connection]
-    ) -> _Connection:
+        self, loop: asyncio.AbstractEventLoop, factory: Callable[[], FrameConnection]
+    ) -> FrameConnection:
         family = getattr(socket, "AF_VSOCK", None)
         if family is None:
             raise ConfigError("AF_VSOCK is not available on this platform (Linux only)")
@@ -559,24 +395,29 @@ class EnclaveLink:
 
     # streams -------------------------------------------------------------------------------------
 
-    def _open(self) -> _Stream:
+    def _open(self) -> StreamQueue:
         if not self.connected:
             raise EnclaveError("unreachable", "no connection to the enclave")
         stream_id = self._next_id
         while stream_id in self._streams:
             stream_id = stream_id % _U32_MAX + 1
         self._next_id = stream_id % _U32_MAX + 1
-        stream = _Stream(stream_id)
+        stream = StreamQueue(stream_id)
         self._streams[stream_id] = stream
         return stream
 
-    def _close_stream(self, stream: _Stream) -> None:
+    def _release(self, stream: StreamQueue, *, ended: bool) -> None:
+        """Forget ``stream``. Unless the enclave ``ended`` it (its answer, END or ERROR came) or
+        the connection it was on is gone, tell the enclave to stop working on it: a request the
+        parent gave up on (a deadline, its consumer left) must not keep holding the enclave's
+        stream budget or its model."""
         if self._streams.get(stream.id) is stream:
             del self._streams[stream.id]
-        stream.frames.clear()
-        stream.buffered = 0
+        stream.clear()
+        if not ended and stream.error is None:  # error: connection lost, or already cancelled
+            self._cancel(stream.id)
 
-    def _dispatch(self, stream_id: int, frame: _Received) -> None:
+    def _dispatch(self, stream_id: int, frame: Received) -> None:
         stream = self._streams.get(stream_id)
         if stream is None:
             self.dropped_frames += 1
@@ -601,10 +442,9 @@ class EnclaveLink:
         Written without waiting for the transport to drain (it is tiny and cannot interleave
         with another frame: each frame is one ``write``), so it works from a cancelled task."""
         connection = self._connection
-        if connection is None or connection.transport is None:
-            return
-        frame = ErrorPayload(CANCEL_CODE, "the request was abandoned").frame(stream_id)
-        connection.transport.write(encode_frame(frame))
+        if connection is not None:
+            frame = ErrorPayload(CANCEL_CODE, "the request was abandoned").frame(stream_id)
+            connection.write_now(encode_frame(frame))
 
     def _fail_all(self, message: str) -> None:
         streams = list(self._streams.values())
@@ -627,14 +467,19 @@ class EnclaveLink:
         except OSError:
             raise EnclaveError("unreachable", "the connection to the enclave dropped") from None
 
-    async def _exchange(self, frame_type: FrameType, payload: bytes, timeout: float) -> _Received:
-        """Send one request frame on a new stream and return its one answer frame."""
+    async def _exchange(self, frame_type: FrameType, payload: bytes, timeout: float) -> Received:
+        """Send one request frame on a new stream and return its one answer frame. A stream
+        given up on (its deadline passed, or the caller was cancelled) is cancelled in the
+        enclave, as an abandoned inference stream is."""
         stream = self._open()
+        answered = False
         try:
             await self._send(Frame(frame_type, stream.id, payload))
-            return await stream.get(timeout, frame_type.name)
+            frame = await _next(stream, timeout, frame_type.name)
+            answered = True
+            return frame
         finally:
-            self._close_stream(stream)
+            self._release(stream, ended=answered)
 
     # requests ------------------------------------------------------------------------------------
 

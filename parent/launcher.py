@@ -6,7 +6,11 @@ Two implementations of one shape (``start()``, ``stop()``, ``restarts``, ``descr
   ``python -m enclave --config FILE``, in its own process group (so a signal to the parent's
   terminal does not reach it and stopping it reaches its children too). When it exits it is
   restarted after a capped exponential backoff (reset once a run lasted ``stable_after`` seconds).
-  Stopping sends SIGTERM to the group, then SIGKILL after ``grace`` seconds.
+  Stopping sends SIGTERM to the group, then SIGKILL after ``grace`` seconds. Nothing of a run
+  outlives it: when the child exits, what is left of its group gets SIGTERM at once and SIGKILL
+  before the next run starts (or when the launcher stops). On Linux the child also gets SIGTERM
+  when the parent dies (``prctl(PR_SET_PDEATHSIG)``), so a crashed or SIGKILLed ``nci parent
+  run`` does not leave the local enclave running.
 - :class:`NitroLauncher` (AWS): the same through ``nitro-cli``: ``run-enclave`` with the image,
   CPU count, memory and CID; ``describe-enclaves`` every ``poll_interval`` seconds to notice that
   it stopped; ``terminate-enclave`` to stop it. The enclave image is never started in debug mode
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -75,7 +80,8 @@ class LocalLauncher:
     """Runs the enclave as a supervised child process (local mode).
 
     ``command`` replaces ``[sys.executable, "-m", "enclave", "--config", enclave_config]`` (tests
-    use a stand-in). The child inherits stdout/stderr (its logs) and the environment.
+    use a stand-in; ``verbose`` adds ``-v``). The child inherits the environment and stdout; its
+    standard error (its logs) is appended to ``log`` (created 0600) when given, else inherited.
     """
 
     def __init__(
@@ -87,17 +93,28 @@ class LocalLauncher:
         backoff_max: float = 30.0,
         stable_after: float = 60.0,
         grace: float = 10.0,
+        log: Path | None = None,
+        verbose: bool = False,
     ) -> None:
         check_timeout(grace)
         self.enclave_config = Path(enclave_config)
         self.command = (
             list(command)
             if command is not None
-            else [sys.executable, "-m", "enclave", "--config", str(self.enclave_config)]
+            else [
+                sys.executable,
+                "-m",
+                "enclave",
+                *(["-v"] if verbose else []),
+                "--config",
+                str(self.enclave_config),
+            ]
         )
+        self.log = log
         self._backoff = _Backoff(backoff_initial, backoff_max, stable_after)
         self._grace = float(grace)
         self._process: asyncio.subprocess.Process | None = None
+        self._group: int | None = None  # the process group of the latest run, until emptied
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self.restarts = 0
@@ -121,12 +138,33 @@ class LocalLauncher:
         self._task = asyncio.create_task(self._watch(), name="enclave-launcher")
 
     async def _spawn(self) -> None:
-        self._process = await asyncio.create_subprocess_exec(
-            *self.command,
-            stdin=asyncio.subprocess.DEVNULL,
-            start_new_session=True,  # its own session and process group
-        )
+        self._kill_leftovers()  # nothing of the previous run may share the enclave's resources
+        stderr = None
+        if self.log is not None:
+            try:
+                stderr = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            except OSError as exc:
+                raise ConfigError(f"enclave log {self.log}: {exc.strerror or exc}") from None
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *self.command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,  # its own session and process group
+                preexec_fn=_die_with_parent(),
+            )
+        finally:
+            if stderr is not None:
+                os.close(stderr)
+        self._group = self._process.pid
         logger.info("launcher: started the enclave (pid %d)", self._process.pid)
+
+    def _kill_leftovers(self, signum: signal.Signals = signal.SIGKILL) -> None:
+        """Signal what is left of the finished run's process group (its leader was reaped)."""
+        if self._group is not None:
+            _signal_orphaned_group(self._group, signum)
+            if signum == signal.SIGKILL:
+                self._group = None
 
     async def _watch(self) -> None:
         delay: float | None = None
@@ -138,6 +176,8 @@ class LocalLauncher:
             self.exit_codes.append(code)
             if self._stop.is_set():
                 return
+            # helpers the enclave left behind: SIGTERM now, SIGKILL before the next run
+            self._kill_leftovers(signal.SIGTERM)
             delay = self._backoff.next(delay, time.monotonic() - started)
             logger.warning(
                 "launcher: the enclave exited with status %d; restarting in %.2f s", code, delay
@@ -160,7 +200,8 @@ class LocalLauncher:
         return True
 
     async def stop(self) -> None:
-        """SIGTERM to the child's process group, SIGKILL after the grace period."""
+        """SIGTERM to the child's process group, SIGKILL after the grace period; then SIGKILL to
+        whatever is left in the group once the child has exited."""
         self._stop.set()
         task, self._task = self._task, None
         process = self._process
@@ -173,6 +214,7 @@ class LocalLauncher:
                 logger.warning("launcher: the enclave ignored SIGTERM; killing it")
                 _signal_group(process.pid, signal.SIGKILL)
                 await process.wait()
+        self._kill_leftovers()
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -182,6 +224,50 @@ def _signal_group(pid: int, signum: signal.Signals) -> None:
     """Signal the process group the child leads (it was started in its own session)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signum)
+
+
+def _signal_orphaned_group(pgid: int, signum: signal.Signals) -> None:
+    """Signal what is left of process group ``pgid`` after its leader was reaped.
+
+    The kernel does not hand out a process id while a process group of that id has members
+    (``struct pid`` stays referenced), so a live process whose pid is ``pgid`` means the group
+    emptied and the id was reused: that group is someone else's and is left alone.
+    """
+    try:
+        os.kill(pgid, 0)  # does a process have the old leader's id?
+    except ProcessLookupError:  # no: the group is still ours, with members or empty (ESRCH)
+        _signal_group(pgid, signum)
+        return
+    except PermissionError:  # yes, another user's
+        pass
+    logger.debug("launcher: process id %d was reused; its group is not ours any more", pgid)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has Linux send the child SIGTERM when this process dies (prctl(2)
+    ``PR_SET_PDEATHSIG``; kept across ``execve`` of a non-setuid program), or None elsewhere.
+
+    The signal follows the *thread* that forks: the event loop's (the main thread in ``nci
+    parent run``). A parent that died before the child's prctl took effect is caught by
+    comparing ``getppid()``; such a child exits at once. Only ctypes calls run in the child
+    between fork and exec (the function is looked up beforehand).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    parent = os.getpid()
+    sigterm = int(signal.SIGTERM)
+
+    def preexec() -> None:  # in the child, between fork and exec
+        if prctl(_PR_SET_PDEATHSIG, sigterm, 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(126)  # cannot be tied to the parent, or it is gone: do not run the enclave
+
+    return preexec
 
 
 # -- AWS Nitro ---------------------------------------------------------------------------------

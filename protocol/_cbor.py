@@ -8,6 +8,12 @@ map keys, and a nesting limit (RFC 8949 §5.3: a decoder used in a security cont
 about validity). Floats are allowed only when the caller asks (the manifest's ``model_config``
 holds JSON values), and then only finite ones.
 
+Before cbor2 builds anything, a walk over the item heads (RFC 8949 §3) bounds the work: every
+array or map may declare at most ``max_length`` entries (and no more than the bytes left could
+hold), the whole input at most ``max_items`` data items, and nesting at most ``max_depth``. So a
+16 MiB body of one-byte items is refused at its array header, without allocating, and the decoder
+only ever sees inputs whose size in Python objects is bounded by the caller.
+
 :func:`canonical_dumps` is RFC 8949 §4.2.1 core deterministic encoding, as cbor2 implements it with
 ``canonical=True``: shortest integer and length heads, definite lengths, map keys sorted by their
 encoded bytes, floats in the shortest form that keeps their value.
@@ -24,7 +30,7 @@ from typing import Final, NoReturn
 
 import cbor2
 
-__all__ = ["CborRejected", "canonical_dumps", "strict_loads"]
+__all__ = ["DEFAULT_MAX_ITEMS", "CborRejected", "canonical_dumps", "strict_loads"]
 
 
 class CborRejected(Exception):
@@ -117,15 +123,33 @@ def _check_plain(value: object, max_depth: int, floats: bool, depth: int = 0) ->
     raise CborRejected(f"a CBOR item decoding to {kind.__name__} is not allowed")
 
 
-def strict_loads(data: bytes, *, max_depth: int, floats: bool = False) -> object:
+DEFAULT_MAX_ITEMS: Final = 1 << 18
+"""The default bound on data items in one input (and on the entries of one array or map): far above
+any document of ours (a manifest of a few thousand tensors is tens of thousands of items), far
+below what a 16 MiB input of one-byte items would make (16 million Python objects)."""
+
+_BREAK: Final = 0xFF
+
+
+def strict_loads(
+    data: bytes,
+    *,
+    max_depth: int,
+    floats: bool = False,
+    max_items: int = DEFAULT_MAX_ITEMS,
+    max_length: int | None = None,
+) -> object:
     """Decode the single CBOR item that is exactly ``data``.
 
     ``data`` is untrusted. Raises only :class:`CborRejected`: for malformed CBOR, trailing bytes,
     tags, duplicate map keys, non-text map keys, simple values other than true/false/null, floats
-    (unless ``floats``; NaN and infinities always), or nesting deeper than ``max_depth``.
+    (unless ``floats``; NaN and infinities always), nesting deeper than ``max_depth``, more than
+    ``max_items`` data items in all, or an array or map of more than ``max_length`` entries (by
+    default ``max_items``). The counts are checked while walking the heads, before decoding.
     """
     if type(data) is not bytes:
         raise CborRejected(f"input is a {type(data).__name__}, not bytes")
+    _walk(data, max_depth, max_items, max_items if max_length is None else max_length)
     stream = io.BytesIO(data)
     try:
         decoder = cbor2.CBORDecoder(
@@ -148,6 +172,110 @@ def strict_loads(data: bytes, *, max_depth: int, floats: bool = False) -> object
     if stream.tell() != len(data):
         raise CborRejected(f"{len(data) - stream.tell()} trailing bytes after the CBOR item")
     return value
+
+
+def _walk(data: bytes, max_depth: int, max_items: int, max_length: int) -> None:
+    """Check the structure of ``data`` (untrusted) from its heads alone (RFC 8949 §3), building
+    nothing: at most ``max_items`` items, containers of at most ``max_length`` entries that the
+    remaining bytes could hold, nesting at most ``max_depth``, no tags, no reserved head values,
+    one item then the end of the input. Strings are skipped by their length."""
+    end = len(data)
+    pos = items = 0
+    # the open containers: [declared entries (-1: indefinite length), entries seen, is a map]
+    stack: list[list[int]] = []
+    while True:
+        if pos >= end:
+            raise CborRejected("truncated CBOR")
+        initial = data[pos]
+        pos += 1
+        if initial == _BREAK:
+            # (1) a break ends the innermost indefinite-length container (RFC 8949 §3.2.1)
+            if not stack or stack[-1][0] != -1 or (stack[-1][2] and stack[-1][1] % 2):
+                raise CborRejected("invalid CBOR (a break outside an indefinite-length item)")
+            stack.pop()
+        else:
+            # (2) one data item: its head, then its content (strings) or its entries (containers)
+            items += 1
+            if items > max_items:
+                raise CborRejected(f"more than {max_items} CBOR data items")
+            if len(stack) > max_depth:
+                raise CborRejected("nested too deeply")
+            major, info = initial >> 5, initial & 0x1F
+            if major == 6:
+                raise CborRejected("CBOR tags are not allowed")
+            argument, pos = _argument(data, pos, major, info)
+            if major in (2, 3):
+                pos, items = _skip_string(data, pos, major, argument, items, max_items)
+            elif major in (4, 5):
+                if argument == -1:  # indefinite length: entries until a break
+                    stack.append([-1, 0, major == 5])
+                    continue
+                if argument > max_length:
+                    raise CborRejected(f"an array or map of more than {max_length} entries")
+                slots = 2 * argument if major == 5 else argument
+                if slots > end - pos:  # every entry takes at least one byte
+                    raise CborRejected("truncated CBOR")
+                if argument:  # an empty definite container is complete at once
+                    stack.append([slots, 0, major == 5])
+                    continue
+        # (3) an item is complete: count it in its container, closing every container it fills
+        while stack:
+            top = stack[-1]
+            top[1] += 1
+            if top[0] == -1:
+                if top[1] > (2 * max_length if top[2] else max_length):
+                    raise CborRejected(f"an array or map of more than {max_length} entries")
+                break
+            if top[1] < top[0]:
+                break
+            stack.pop()
+        if not stack:
+            break
+    # cbor2 stops after one item: bytes after it would be smuggled past the parser, not ignored.
+    if pos != end:
+        raise CborRejected(f"{end - pos} trailing bytes after the CBOR item")
+
+
+def _argument(data: bytes, pos: int, major: int, info: int) -> tuple[int, int]:
+    """The head's argument (RFC 8949 §3.1) and the position after it; -1 for indefinite length."""
+    if info < 24:
+        return info, pos
+    if info <= 27:
+        size = 1 << (info - 24)
+        if pos + size > len(data):
+            raise CborRejected("truncated CBOR")
+        return int.from_bytes(data[pos : pos + size], "big"), pos + size
+    if info == 31 and major in (2, 3, 4, 5):
+        return -1, pos
+    raise CborRejected("invalid CBOR (reserved additional information)")
+
+
+def _skip_string(
+    data: bytes, pos: int, major: int, length: int, items: int, max_items: int
+) -> tuple[int, int]:
+    """Skip a byte or text string; an indefinite-length one is definite chunks of the same major
+    type up to a break, each counted as an item (RFC 8949 §3.2.3)."""
+    end = len(data)
+    if length >= 0:
+        if length > end - pos:
+            raise CborRejected("truncated CBOR")
+        return pos + length, items
+    while True:
+        if pos >= end:
+            raise CborRejected("truncated CBOR")
+        initial = data[pos]
+        pos += 1
+        if initial == _BREAK:
+            return pos, items
+        items += 1
+        if items > max_items:
+            raise CborRejected(f"more than {max_items} CBOR data items")
+        if initial >> 5 != major or initial & 0x1F == 31:
+            raise CborRejected("invalid CBOR (a chunk of an indefinite-length string)")
+        length, pos = _argument(data, pos, major, initial & 0x1F)
+        if length > end - pos:
+            raise CborRejected("truncated CBOR")
+        pos += length
 
 
 def canonical_dumps(value: object) -> bytes:

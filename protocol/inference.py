@@ -6,15 +6,26 @@ as a stream of pieces, one per chunk of a chunked OHTTP response.
 
 Bodies are CBOR maps with text keys (RFC 8949), written in core deterministic encoding and read
 with the strict decoder (``protocol._cbor``: one item, no trailing bytes, no tags, no duplicate
-keys). Every key is required and no other key is allowed::
+keys, at most 64 data items, arrays and maps of at most 8 entries). Every key is required and no
+other key is allowed, except a piece's optional ``"pad"``::
 
     request  {"v": 1, "prompt": text, "images": [{"media_type": text, "data": bytes}…],
               "params": {"max_tokens": uint, "temperature": float, "top_p": float,
                          "stop": [text…], "stream": bool}}
     response {"v": 1, "text": text, "finish_reason": "stop" | "length",
               "usage": {"prompt_tokens": uint, "completion_tokens": uint}}
-    piece    {"v": 1, "delta": text}                                  (a streamed piece)
-             {"v": 1, "finish_reason": "stop" | "length", "usage": {…}}  (the last piece)
+    piece    {"v": 1, "delta": text, ? "pad": bytes}                     (a streamed piece)
+             {"v": 1, "finish_reason": "stop" | "length", "usage": {…}, ? "pad": bytes}
+                                                                          (the last piece)
+
+Padding, because a ciphertext's length is the one thing the parent still sees: each piece is one
+chunk of the chunked response, so an unpadded piece would give away the length of every token.
+:func:`encode_stream_piece` adds ``"pad"``, zero bytes, so that the encoded piece is a multiple of
+:data:`PIECE_BLOCK` (64) bytes: every delta of up to about 40 bytes of text encodes to exactly 64
+bytes. ``"pad"`` must hold only zero bytes; :func:`decode_stream_piece` checks and drops it, and
+accepts pieces without it (still version 1: the key is optional). :func:`http_response` pads the
+whole Binary HTTP response to its size class (:func:`protocol.bhttp.pad`), so a non-streamed answer
+reveals only that (at least 512 bytes: "no" and "yes" look the same).
 
 Caps: prompt ≤ 16 KiB of UTF-8; ≤ 4 images of ``image/png`` or ``image/jpeg``, each 1 byte..4 MiB
 and starting with its format's signature; body ≤ 16 MiB; ``max_tokens`` 1..4096; ``temperature``
@@ -40,6 +51,7 @@ from protocol.bhttp import (
     decode_response,
     encode_request,
     encode_response,
+    pad,
 )
 from protocol.errors import MalformedMessage
 
@@ -47,6 +59,7 @@ __all__ = [
     "CONTENT_TYPE",
     "INFER_PATH",
     "MAX_BODY_SIZE",
+    "PIECE_BLOCK",
     "VERSION",
     "Image",
     "InferenceRequest",
@@ -82,7 +95,12 @@ MAX_TEXT_BYTES: Final = 1024 * 1024
 MAX_DELTA_BYTES: Final = 64 * 1024
 MAX_SMALL_BODY: Final = 2 * 1024 * 1024  # responses and pieces, checked before decoding
 MAX_TOKEN_COUNT: Final = 1 << 32  # usage counters
+PIECE_BLOCK: Final = 64  # streamed pieces are padded to a multiple of this many bytes
 _MAX_DEPTH: Final = 4
+# Counted while decoding, before anything is built (protocol._cbor): a request is at most 47 items
+# (4 images, 8 stop sequences) and no array or map of ours has more than 8 entries.
+_MAX_ITEMS: Final = 64
+_MAX_ENTRIES: Final = 8
 
 MediaType = Literal["image/png", "image/jpeg"]
 FinishReason = Literal["stop", "length"]
@@ -156,7 +174,13 @@ def _loads(data: object, what: str, limit: int) -> object:
     if len(data) > limit:
         raise MalformedMessage(f"{what} is larger than {limit} bytes")
     try:
-        return strict_loads(data, max_depth=_MAX_DEPTH, floats=True)
+        return strict_loads(
+            data,
+            max_depth=_MAX_DEPTH,
+            floats=True,
+            max_items=_MAX_ITEMS,
+            max_length=_MAX_ENTRIES,
+        )
     except CborRejected as exc:
         raise MalformedMessage(f"{what}: {exc}") from None
 
@@ -357,6 +381,7 @@ _USAGE_KEYS: Final = frozenset({"prompt_tokens", "completion_tokens"})
 _RESPONSE_KEYS: Final = frozenset({"v", "text", "finish_reason", "usage"})
 _DELTA_KEYS: Final = frozenset({"v", "delta"})
 _END_KEYS: Final = frozenset({"v", "finish_reason", "usage"})
+_PAD_KEY: Final = "pad"
 
 
 def _usage_value(usage: Usage) -> dict[str, int]:
@@ -394,7 +419,8 @@ def decode_response_body(data: bytes) -> InferenceResponse:
 
 
 def encode_stream_piece(piece: StreamDelta | StreamEnd) -> bytes:
-    """The CBOR of one streamed piece (the plaintext of one chunk of a chunked response)."""
+    """The CBOR of one streamed piece (the plaintext of one chunk of a chunked response), padded
+    with a ``"pad"`` of zero bytes to a multiple of :data:`PIECE_BLOCK` bytes."""
     value: dict[str, object]
     if type(piece) is StreamDelta:
         value = {"v": VERSION, "delta": piece.text}
@@ -406,12 +432,46 @@ def encode_stream_piece(piece: StreamDelta | StreamEnd) -> bytes:
         }
     else:
         raise MalformedMessage("a piece must be a StreamDelta or a StreamEnd")
-    return _dumps(value, "piece", MAX_SMALL_BODY)
+    return _padded(value)
+
+
+def _padded(value: dict[str, object]) -> bytes:
+    bare = len(_dumps(value, "piece", MAX_SMALL_BODY))
+    # "pad" adds its key (4 bytes: a text head and "pad") and a byte string (a 1-, 2- or 3-byte
+    # head and the zeros); the map head stays one byte. Some totals no string length reaches
+    # (a 25-byte string: 24 zeros take a 2-byte head); then the next block.
+    target = max(PIECE_BLOCK, -(-(bare + 5) // PIECE_BLOCK) * PIECE_BLOCK)
+    while True:
+        room = target - bare - 4
+        for head in (1, 2, 3):
+            zeros = room - head
+            if zeros >= 0 and _bytes_head(zeros) == head:
+                data = _dumps({**value, _PAD_KEY: bytes(zeros)}, "piece", MAX_SMALL_BODY)
+                if len(data) != target:  # pragma: no cover (the arithmetic above)
+                    raise MalformedMessage("piece padding went wrong")
+                return data
+        target += PIECE_BLOCK
+
+
+def _bytes_head(length: int) -> int:
+    # RFC 8949 §3.1: the head of a byte string of ``length`` bytes
+    return 1 if length < 24 else 2 if length < 256 else 3 if length < 65536 else 5
+
+
+def _unpad(body: object) -> object:
+    """``body`` without its optional ``"pad"``, which must be zero bytes."""
+    if type(body) is not dict or _PAD_KEY not in body:
+        return body
+    padding = body.pop(_PAD_KEY)
+    if type(padding) is not bytes or padding.count(0) != len(padding):
+        raise MalformedMessage("piece.pad must be a byte string of zeros")
+    return body
 
 
 def decode_stream_piece(data: bytes) -> StreamDelta | StreamEnd:
-    """Decode one streamed piece. ``data`` is untrusted (it comes from the server)."""
-    body = _loads(data, "piece", MAX_SMALL_BODY)
+    """Decode one streamed piece. ``data`` is untrusted (it comes from the server). Its optional
+    ``"pad"`` (zero bytes) is checked and dropped."""
+    body = _unpad(_loads(data, "piece", MAX_SMALL_BODY))
     if type(body) is dict and "delta" in body:
         delta = _map(body, "piece", _DELTA_KEYS)
         _version(delta["v"], "piece")
@@ -457,12 +517,16 @@ def parse_http_request(data: bytes) -> InferenceRequest:
 
 
 def http_response(body: InferenceResponse) -> bytes:
-    """The BHTTP 200 response carrying ``body`` (the plaintext of a non-streamed OHTTP response)."""
-    return encode_response(
-        Response(
-            status=200,
-            headers=(("content-type", CONTENT_TYPE),),
-            content=encode_response_body(body),
+    """The BHTTP 200 response carrying ``body`` (the plaintext of a non-streamed OHTTP response),
+    padded with zeros to its size class (:func:`protocol.bhttp.pad`, RFC 9292 §3.8), so that its
+    ciphertext's length reveals only that."""
+    return pad(
+        encode_response(
+            Response(
+                status=200,
+                headers=(("content-type", CONTENT_TYPE),),
+                content=encode_response_body(body),
+            )
         )
     )
 

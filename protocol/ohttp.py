@@ -27,6 +27,10 @@ Wire formats (``‖`` is concatenation, integers big-endian):
   ``"message/bhttp chunked response"``, and chunk ``i`` sealed with ``nonce XOR I2OSP(i, Nn)``
   and AAD ``""`` (``"final"`` for the last).
 
+A chunked request may hold at most :data:`MAX_REQUEST_CHUNKS` (1024) chunks, the final one
+included: each costs an AEAD open, so 16 MiB of empty chunks (a million) must not buy seconds of
+CPU. The chunk framing and sealing live in ``protocol._chunked`` (re-exported here).
+
 The final chunk's ``"final"`` AAD is what makes truncation detectable: a stream that ends before a
 final chunk authenticates is refused (:class:`DecapsulationError`), never taken as complete. A
 chunked request is answered with a chunked response, a plain one with a plain one.
@@ -46,16 +50,27 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from protocol import hpke
-from protocol.bhttp import decode_varint, encode_varint
+from protocol._chunked import (
+    CHUNKED_RESPONSE_LABEL,
+    FINAL_AAD,
+    MAX_MESSAGE_SIZE,
+    ChunkedRequestWriter,
+    ChunkedResponseReader,
+    ChunkedResponseWriter,
+    ChunkReader,
+    check_bytes,
+    response_keys,
+    response_nonce_size,
+)
 from protocol.errors import ConfigError, DecapsulationError, MalformedMessage, UnknownKeyId
 from protocol.hpke import AeadId, KdfId, KemId, Suite
 
 __all__ = [
     "DEFAULT_ALGORITHMS",
     "MAX_MESSAGE_SIZE",
+    "MAX_REQUEST_CHUNKS",
     "MEDIA_TYPE_CHUNKED_REQUEST",
     "MEDIA_TYPE_CHUNKED_RESPONSE",
     "MEDIA_TYPE_KEYS",
@@ -86,11 +101,9 @@ MEDIA_TYPE_CHUNKED_RESPONSE: Final = "message/ohttp-chunked-res"
 _REQUEST_LABEL: Final = b"message/bhttp request"
 _RESPONSE_LABEL: Final = b"message/bhttp response"
 _CHUNKED_REQUEST_LABEL: Final = b"message/bhttp chunked request"
-_CHUNKED_RESPONSE_LABEL: Final = b"message/bhttp chunked response"
-_FINAL_AAD: Final = b"final"
 
-# Caps. A request carries at most a 16 MiB inference body plus its BHTTP headers.
-MAX_MESSAGE_SIZE: Final = 17 * 1024 * 1024  # a whole message, or a whole chunked stream
+# Caps (and MAX_MESSAGE_SIZE, 17 MiB: a whole message or chunked stream, from protocol._chunked).
+MAX_REQUEST_CHUNKS: Final = 1024  # chunks of one chunked request, the final one included
 MAX_KEY_CONFIG_ALGORITHMS: Final = 64  # symmetric (kdf, aead) pairs in one key configuration
 MAX_KEY_CONFIGS: Final = 32  # configurations in one application/ohttp-keys list
 
@@ -267,6 +280,15 @@ def generate_key_config(key_id: int, *, private_key: bytes | None = None) -> tup
 # --- Shared pieces --------------------------------------------------------------------------------
 
 
+def _fresh_response_nonce(suite: Suite, given: bytes | None) -> bytes:
+    size = response_nonce_size(suite)
+    if given is None:
+        return os.urandom(size)
+    if type(given) is not bytes or len(given) != size:
+        raise ConfigError(f"response_nonce must be {size} bytes for this suite")
+    return given
+
+
 def _hdr(key_id: int, suite: Suite) -> bytes:
     return (
         key_id.to_bytes(1, "big")
@@ -278,45 +300,6 @@ def _hdr(key_id: int, suite: Suite) -> bytes:
 
 def _info(label: bytes, hdr: bytes) -> bytes:
     return label + b"\x00" + hdr
-
-
-def _response_keys(
-    context: hpke.SenderContext | hpke.RecipientContext,
-    label: bytes,
-    enc: bytes,
-    response_nonce: bytes,
-) -> tuple[bytes, bytes]:
-    # RFC 9458 §4.4 steps 1-6 (the chunked draft changes only the export label)
-    suite = context.suite
-    secret = context.export(label, max(suite.nn, suite.nk))
-    prk = hpke.extract(enc + response_nonce, secret)
-    return hpke.expand(prk, b"key", suite.nk), hpke.expand(prk, b"nonce", suite.nn)
-
-
-def _response_nonce_size(suite: Suite) -> int:
-    return max(suite.nn, suite.nk)
-
-
-def _fresh_response_nonce(suite: Suite, given: bytes | None) -> bytes:
-    size = _response_nonce_size(suite)
-    if given is None:
-        return os.urandom(size)
-    if type(given) is not bytes or len(given) != size:
-        raise ConfigError(f"response_nonce must be {size} bytes for this suite")
-    return given
-
-
-def _xor_counter(nonce: bytes, counter: int) -> bytes:
-    # chunked draft, "Response Encapsulation": chunk_nonce = aead_nonce XOR I2OSP(counter, Nn)
-    return bytes(a ^ b for a, b in zip(nonce, counter.to_bytes(len(nonce), "big"), strict=True))
-
-
-def _check_bytes(data: object, what: str, limit: int = MAX_MESSAGE_SIZE) -> bytes:
-    if type(data) is not bytes:
-        raise MalformedMessage(f"{what} must be bytes")
-    if len(data) > limit:
-        raise MalformedMessage(f"{what} is larger than {limit} bytes")
-    return data
 
 
 def _parse_header(data: bytes, config: KeyConfig) -> tuple[Suite, bytes, bytes]:
@@ -370,14 +353,14 @@ class ClientContext:
         """
         if self.chunked:
             raise ConfigError("a chunked request is answered by a chunked response")
-        data = _check_bytes(data, "response")
+        data = check_bytes(data, "response")
         suite = self._context.suite
-        nonce_size = _response_nonce_size(suite)
+        nonce_size = response_nonce_size(suite)
         if len(data) < nonce_size + suite.nt:
             raise MalformedMessage(
                 f"response is shorter than its nonce and tag ({nonce_size} + 16)"
             )
-        key, nonce = _response_keys(self._context, _RESPONSE_LABEL, self._enc, data[:nonce_size])
+        key, nonce = response_keys(self._context, _RESPONSE_LABEL, self._enc, data[:nonce_size])
         try:
             return suite.aead(key).decrypt(nonce, data[nonce_size:], b"")
         except InvalidTag:
@@ -399,7 +382,7 @@ def encapsulate_request(
     ``ephemeral_private_key`` fixes the HPKE ephemeral key: test vectors only.
     """
     config = KeyConfig.from_bytes(key_config)
-    request = _check_bytes(request, "request", MAX_MESSAGE_SIZE - 1024)
+    request = check_bytes(request, "request", MAX_MESSAGE_SIZE - 1024)
     suite = config.suite()
     hdr = _hdr(config.key_id, suite)
     enc, context = hpke.setup_base_sender(
@@ -410,37 +393,6 @@ def encapsulate_request(
     )
     ct = context.seal(b"", request)
     return hdr + enc + ct, ClientContext(context, enc, chunked=False)
-
-
-class ChunkedRequestWriter:
-    """Seals a request chunk by chunk (media type ``message/ohttp-chunked-req``).
-
-    The first output starts with the request header (``hdr ‖ enc``); send the outputs in order,
-    then end the stream after :meth:`final`.
-    """
-
-    def __init__(self, context: hpke.SenderContext, header: bytes) -> None:
-        self._context = context
-        self._pending_header = header
-        self._done = False
-
-    def _emit(self, framed: bytes) -> bytes:
-        if self._done:
-            raise ConfigError("the chunked request is already finished")
-        out, self._pending_header = self._pending_header + framed, b""
-        return out
-
-    def chunk(self, data: bytes) -> bytes:
-        """A non-final chunk: ``varint(len(ct)) ‖ ct``."""
-        ct = self._context.seal(b"", _check_bytes(data, "chunk"))
-        return self._emit(encode_varint(len(ct)) + ct)
-
-    def final(self, data: bytes = b"") -> bytes:
-        """The final chunk: ``varint(0) ‖ Seal(aad="final", data)``; nothing may follow it."""
-        ct = self._context.seal(_FINAL_AAD, _check_bytes(data, "chunk"))
-        out = self._emit(encode_varint(0) + ct)
-        self._done = True
-        return out
 
 
 def encapsulate_chunked_request(
@@ -476,6 +428,12 @@ class ServerContext:
         """The HPKE suite the client chose."""
         return self._context.suite
 
+    @property
+    def enc(self) -> bytes:
+        """The request's encapsulated key (public: it travelled in clear). A fresh one is drawn
+        for every request, so a server that has seen it before is looking at a replay."""
+        return self._enc
+
     def encapsulate_response(
         self, response: bytes, *, response_nonce: bytes | None = None
     ) -> bytes:
@@ -485,9 +443,9 @@ class ServerContext:
         """
         if self.chunked:
             raise ConfigError("a chunked request is answered by a chunked response")
-        response = _check_bytes(response, "response", MAX_MESSAGE_SIZE - 1024)
+        response = check_bytes(response, "response", MAX_MESSAGE_SIZE - 1024)
         nonce_bytes = _fresh_response_nonce(self.suite, response_nonce)
-        key, nonce = _response_keys(self._context, _RESPONSE_LABEL, self._enc, nonce_bytes)
+        key, nonce = response_keys(self._context, _RESPONSE_LABEL, self._enc, nonce_bytes)
         return nonce_bytes + self.suite.aead(key).encrypt(nonce, response, b"")
 
     def chunked_response(self, *, response_nonce: bytes | None = None) -> ChunkedResponseWriter:
@@ -496,7 +454,7 @@ class ServerContext:
         if not self.chunked:
             raise ConfigError("a plain request is answered by a plain response")
         nonce_bytes = _fresh_response_nonce(self.suite, response_nonce)
-        key, nonce = _response_keys(self._context, _CHUNKED_RESPONSE_LABEL, self._enc, nonce_bytes)
+        key, nonce = response_keys(self._context, CHUNKED_RESPONSE_LABEL, self._enc, nonce_bytes)
         return ChunkedResponseWriter(self.suite, key, nonce, nonce_bytes)
 
 
@@ -511,7 +469,7 @@ def decapsulate_request(
     breaks the format, :class:`DecapsulationError` if it does not authenticate.
     """
     config = _server_config(private_key, key_config)
-    data = _check_bytes(data, "request")
+    data = check_bytes(data, "request")
     suite, hdr, enc = _parse_header(data, config)
     ct = data[_HDR_SIZE + suite.nenc :]
     if len(ct) < suite.nt:
@@ -524,191 +482,27 @@ def decapsulate_request(
     return request, ServerContext(context, enc, chunked=False)
 
 
-class ChunkedResponseWriter:
-    """Seals a response chunk by chunk (``message/ohttp-chunked-res``).
-
-    The first output starts with the response nonce; end the stream after :meth:`final`.
-    """
-
-    def __init__(self, suite: Suite, key: bytes, nonce: bytes, response_nonce: bytes) -> None:
-        self._aead = suite.aead(key)
-        self._nonce = nonce
-        self._pending_header = response_nonce
-        self._counter = 0
-        self._done = False
-
-    def _seal(self, data: bytes, aad: bytes) -> bytes:
-        if self._done:
-            raise ConfigError("the chunked response is already finished")
-        ct = self._aead.encrypt(_xor_counter(self._nonce, self._counter), data, aad)
-        self._counter += 1
-        return ct
-
-    def _emit(self, framed: bytes) -> bytes:
-        out, self._pending_header = self._pending_header + framed, b""
-        return out
-
-    def chunk(self, data: bytes) -> bytes:
-        """A non-final chunk: ``varint(len(ct)) ‖ ct``."""
-        ct = self._seal(_check_bytes(data, "chunk"), b"")
-        return self._emit(encode_varint(len(ct)) + ct)
-
-    def final(self, data: bytes = b"") -> bytes:
-        """The final chunk: ``varint(0) ‖ ct`` sealed with AAD ``"final"``; nothing follows."""
-        ct = self._seal(_check_bytes(data, "chunk"), _FINAL_AAD)
-        self._done = True
-        return self._emit(encode_varint(0) + ct)
-
-
 # --- Chunk readers (both directions) --------------------------------------------------------------
 
 
-class _ChunkReader:
-    """Incremental parser of ``prefix ‖ (varint(len) ‖ ct)… ‖ varint(0) ‖ final_ct``.
-
-    Bytes arrive in any split; :meth:`feed` returns the plaintext of every chunk completed so far.
-    The final chunk runs to the end of the stream, so only :meth:`close` (the transport says the
-    stream ended) can open it. After any error the reader refuses further use.
-    """
-
-    def __init__(self, prefix_size: int, max_size: int, what: str) -> None:
-        if type(max_size) is not int or max_size <= 0:
-            raise ConfigError("max_size must be a positive integer")
-        self._prefix_size = prefix_size
-        self._max_size = max_size
-        self._what = what
-        self._buffer = bytearray()
-        self._received = 0
-        self._prefix_done = False
-        self._in_final = False
-        self._finished = False
-        self._failed = False
-
-    @property
-    def finished(self) -> bool:
-        """True only once the final chunk has authenticated."""
-        return self._finished
-
-    def _check_usable(self) -> None:
-        if self._failed:
-            raise ConfigError(f"this {self._what} reader already failed")
-        if self._finished:
-            raise MalformedMessage(f"{self._what}: data after the final chunk")
-
-    def _on_prefix(self, prefix: bytes) -> None:
-        raise NotImplementedError
-
-    def _open(self, ct: bytes, final: bool) -> bytes:
-        raise NotImplementedError
-
-    def feed(self, data: bytes) -> list[bytes]:
-        """Take the next bytes of the stream; return the plaintexts of the chunks they complete.
-
-        ``data`` is untrusted (it arrives through the untrusted parent).
-        """
-        self._check_usable()
-        if type(data) is not bytes:
-            raise ConfigError("feed() takes bytes")
-        try:
-            return self._feed(data)
-        except BaseException:
-            self._failed = True
-            raise
-
-    def _feed(self, data: bytes) -> list[bytes]:
-        self._received += len(data)
-        if self._received > self._max_size:
-            raise MalformedMessage(f"{self._what} is larger than {self._max_size} bytes")
-        self._buffer += data
-        out: list[bytes] = []
-        if not self._prefix_done:
-            if len(self._buffer) < self._prefix_size:
-                return out
-            self._on_prefix(bytes(self._buffer[: self._prefix_size]))
-            del self._buffer[: self._prefix_size]
-            self._prefix_done = True
-        while not self._in_final:
-            decoded = decode_varint(self._buffer)
-            if decoded is None:
-                break
-            length, start = decoded
-            if length == 0:  # the final chunk indicator: the rest of the stream is the final chunk
-                del self._buffer[:start]
-                self._in_final = True
-                break
-            if length < 16:
-                raise MalformedMessage(f"{self._what}: a chunk is shorter than the AEAD tag")
-            if length > self._max_size:
-                raise MalformedMessage(f"{self._what}: a chunk is larger than {self._max_size}")
-            if len(self._buffer) < start + length:
-                break
-            ct = bytes(self._buffer[start : start + length])
-            del self._buffer[: start + length]
-            out.append(self._open(ct, final=False))
-        return out
-
-    def close(self) -> bytes:
-        """The stream has ended: open the final chunk and return its plaintext.
-
-        Raises :class:`DecapsulationError` if the stream ended before a final chunk authenticated
-        (truncation), or if it does not authenticate.
-        """
-        self._check_usable()
-        try:
-            if not self._in_final:
-                raise DecapsulationError(f"{self._what}: the stream ended before its final chunk")
-            if len(self._buffer) < 16:
-                raise DecapsulationError(f"{self._what}: the stream ended before its final chunk")
-            plaintext = self._open(bytes(self._buffer), final=True)
-        except BaseException:
-            self._failed = True
-            raise
-        self._buffer.clear()
-        self._finished = True
-        return plaintext
-
-
-class ChunkedResponseReader(_ChunkReader):
-    """Reads a chunked response (``message/ohttp-chunked-res``) for a :class:`ClientContext`:
-    :meth:`feed` the stream as it arrives, then :meth:`close` when it ends."""
-
-    def __init__(self, context: hpke.SenderContext, enc: bytes, max_size: int) -> None:
-        super().__init__(_response_nonce_size(context.suite), max_size, "response")
-        self._context = context
-        self._enc = enc
-        self._counter = 0
-        self._aead: AESGCM | ChaCha20Poly1305 | None = None
-        self._nonce = b""
-
-    def _on_prefix(self, prefix: bytes) -> None:
-        key, self._nonce = _response_keys(self._context, _CHUNKED_RESPONSE_LABEL, self._enc, prefix)
-        self._aead = self._context.suite.aead(key)
-
-    def _open(self, ct: bytes, final: bool) -> bytes:
-        if self._aead is None:
-            raise DecapsulationError("response: the stream ended before its final chunk")
-        try:
-            pt = self._aead.decrypt(
-                _xor_counter(self._nonce, self._counter), ct, _FINAL_AAD if final else b""
-            )
-        except InvalidTag:
-            raise DecapsulationError("response: decryption failed") from None
-        self._counter += 1
-        return pt
-
-
-class ChunkedRequestReader(_ChunkReader):
+class ChunkedRequestReader(ChunkReader):
     """Reads a chunked request (``message/ohttp-chunked-req``) with this server's key:
     :meth:`feed` the stream as it arrives, then :meth:`close` when it ends; :attr:`context`
     answers it once the whole request has authenticated."""
 
-    def __init__(self, private_key: bytes, key_config: bytes, max_size: int) -> None:
+    def __init__(
+        self,
+        private_key: bytes,
+        key_config: bytes,
+        max_size: int,
+        max_chunks: int = MAX_REQUEST_CHUNKS,
+    ) -> None:
         self._config = _server_config(private_key, key_config)
         self._private_key = private_key
         self._hpke: hpke.RecipientContext | None = None
         self._server: ServerContext | None = None
         # The prefix size depends on the suite; X25519's enc is 32 bytes for every suite here.
-        super().__init__(_HDR_SIZE + 32, max_size, "request")
+        super().__init__(_HDR_SIZE + 32, max_size, "request", max_chunks=max_chunks)
 
     @property
     def context(self) -> ServerContext:
@@ -732,16 +526,21 @@ class ChunkedRequestReader(_ChunkReader):
         if self._hpke is None:
             raise DecapsulationError("request: the stream ended before its final chunk")
         try:
-            return self._hpke.open(_FINAL_AAD if final else b"", ct)
+            return self._hpke.open(FINAL_AAD if final else b"", ct)
         except DecapsulationError:
             raise DecapsulationError("request: decryption failed") from None
 
 
 def chunked_request_reader(
-    private_key: bytes, key_config: bytes, *, max_size: int = MAX_MESSAGE_SIZE
+    private_key: bytes,
+    key_config: bytes,
+    *,
+    max_size: int = MAX_MESSAGE_SIZE,
+    max_chunks: int = MAX_REQUEST_CHUNKS,
 ) -> ChunkedRequestReader:
     """Start reading a chunked request with this server's key (see :class:`ChunkedRequestReader`).
 
-    The stream is untrusted: it comes from a client through the untrusted parent.
+    The stream is untrusted: it comes from a client through the untrusted parent. More than
+    ``max_chunks`` chunks (the final one included) is :class:`MalformedMessage`.
     """
-    return ChunkedRequestReader(private_key, key_config, max_size)
+    return ChunkedRequestReader(private_key, key_config, max_size, max_chunks)

@@ -8,7 +8,12 @@ The procedure, in order, each step a typed :class:`~enclave.models.runtime.Inval
 2. the declared width and height, read from the header by this module (PNG's IHDR, PNG §11.2.2;
    JPEG's first SOFn frame header, T.81 §B.2.2) and checked against the pixel cap *before* Pillow
    is given the bytes, so a decompression bomb (a tiny file that declares a huge image) never
-   allocates its pixels;
+   allocates its pixels; for JPEG, a walk over every marker segment up to EOI (T.81 §B.2) also
+   refuses a scan bomb (a progressive file that repeats tiny scans, each of which makes the decoder
+   pass over the whole image: 1000 scans of 16 bytes took 7 s for one 2048×2048 image), so at most
+   :data:`MAX_JPEG_SCANS` scans, and any coding process but Huffman-coded baseline, extended
+   sequential or progressive (SOF0..SOF2: what cameras and encoders write; arithmetic coding,
+   lossless and hierarchical JPEG are rare and slow to decode);
 3. Pillow opens the header lazily, restricted to the declared format; its own bomb check
    (``DecompressionBombError``, and ``DecompressionBombWarning`` where warnings are errors) and a
    disagreement with step 2 are refusals; animated or multi-frame files are refused;
@@ -23,6 +28,7 @@ the built-in model takes. Messages name the rule and never carry pixel data.
 from __future__ import annotations
 
 import io
+import re
 import struct
 from typing import Final
 
@@ -33,7 +39,14 @@ from PIL import Image as PILImage
 from enclave.models.runtime import InvalidInput
 from protocol.inference import Image
 
-__all__ = ["JPEG_SIGNATURE", "PNG_SIGNATURE", "declared_size", "decode_image", "to_tensor"]
+__all__ = [
+    "JPEG_SIGNATURE",
+    "MAX_JPEG_SCANS",
+    "PNG_SIGNATURE",
+    "declared_size",
+    "decode_image",
+    "to_tensor",
+]
 
 PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE: Final = b"\xff\xd8\xff"
@@ -45,6 +58,14 @@ _SOS: Final = 0xDA
 _SOI: Final = 0xD8
 _EOI: Final = 0xD9
 _PNG_MAX_SIDE: Final = 2**31 - 1  # PNG §11.2.2
+MAX_JPEG_SCANS: Final = 32  # baseline has 1 scan per file, libjpeg's progressive script 10
+# SOF0 baseline, SOF1 extended sequential, SOF2 progressive, all Huffman-coded (T.81 Table B.1);
+# the other frame types, DAC (arithmetic conditioning) and DHP/EXP (hierarchical) are refused.
+_HUFFMAN_SOF: Final = frozenset({0xC0, 0xC1, 0xC2})
+_REFUSED: Final = (_SOF - _HUFFMAN_SOF) | {0xCC, 0xDE, 0xDF}
+# The end of entropy-coded data: a 0xFF (after any fill 0xFFs) that is neither a stuffed 0xFF00
+# nor a restart marker RSTn (T.81 §B.1.1.5, §F.1.2.3).
+_SCAN_END: Final = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
 
 
 def declared_size(data: bytes, media_type: str) -> tuple[int, int]:
@@ -101,6 +122,48 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
         pos += length
 
 
+def _check_jpeg_segments(data: bytes) -> None:
+    """Walk every marker segment of ``data`` (untrusted) up to EOI, decoding nothing: only
+    Huffman-coded SOF0..SOF2 frames, at most :data:`MAX_JPEG_SCANS` scans, nothing between
+    segments, and an EOI at the end (T.81 §B.2)."""
+    pos, scans, end = 2, 0, len(data)
+    while True:
+        if pos >= end or data[pos] != 0xFF:
+            raise InvalidInput("JPEG has bytes outside its segments, or ends before EOI")
+        while pos < end and data[pos] == 0xFF:
+            pos += 1
+        if pos >= end:
+            raise InvalidInput("JPEG ends before EOI")
+        code = data[pos]
+        pos += 1
+        if code == _EOI:
+            return
+        if code in _STANDALONE:
+            continue
+        if code == _SOI:
+            raise InvalidInput("JPEG has a second SOI marker before EOI")
+        if code in _REFUSED:
+            raise InvalidInput(
+                "JPEG must be Huffman-coded baseline, extended or progressive (SOF0..SOF2); "
+                "arithmetic-coded, lossless and hierarchical files are not accepted"
+            )
+        if pos + 2 > end:
+            raise InvalidInput("JPEG segment is truncated")
+        (length,) = struct.unpack_from(">H", data, pos)
+        if length < 2 or pos + length > end:
+            raise InvalidInput("JPEG segment is truncated")
+        pos += length
+        if code == _SOS:
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise InvalidInput(f"JPEG has more than {MAX_JPEG_SCANS} scans")
+            # the entropy-coded data runs to the next marker: continue at its last 0xFF
+            marker = _SCAN_END.search(data, pos)
+            if marker is None:
+                raise InvalidInput("JPEG ends inside its scan data")
+            pos = marker.end() - 2
+
+
 def decode_image(image: Image, *, max_bytes: int, max_pixels: int) -> PILImage.Image:
     """Decode ``image`` (from a consumer: untrusted) into a loaded 8-bit RGB Pillow image."""
     data = image.data
@@ -120,6 +183,8 @@ def decode_image(image: Image, *, max_bytes: int, max_pixels: int) -> PILImage.I
     width, height = declared_size(data, image.media_type)
     if width * height > max_pixels:
         raise InvalidInput(f"image is {width}×{height} pixels; the maximum is {max_pixels} pixels")
+    if image.media_type == "image/jpeg":
+        _check_jpeg_segments(data)
     # (3) Pillow reads the header lazily (no pixels yet); (4) then decodes and converts
     try:
         opened = PILImage.open(io.BytesIO(data), formats=[pil_format])

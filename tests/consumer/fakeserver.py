@@ -3,8 +3,10 @@
 It plays the parent and the enclave at once: real attestation documents from an
 :class:`~attestation.EmulatedNsm` (state in the test's tmp_path), a real OHTTP key, and a trivial
 model (the prompt upper-cased, one word per streamed piece), encapsulated exactly as the contract
-says (mode 0: one ``message/ohttp-res``; mode 1: a ``message/ohttp-chunked-res`` with one CBOR
-piece per chunk and :class:`StreamEnd` in the final chunk). Knobs turn it hostile, one attack each.
+says, padding included (mode 0: one ``message/ohttp-res`` whose BHTTP response is zero-padded to
+its size class, :func:`protocol.bhttp.pad`; mode 1: a ``message/ohttp-chunked-res`` with one CBOR
+piece per chunk, each padded by :func:`~protocol.inference.encode_stream_piece` with its ``pad``
+field, and :class:`StreamEnd` in the final chunk). Knobs turn it hostile, one attack each.
 
 It runs on its own event loop in a thread (:class:`LoopThread`), so that blocking clients, the
 asynchronous client and the proxy can all talk to it from a test.
@@ -25,6 +27,7 @@ import cbor2
 from aiohttp import web
 
 from attestation import EmulatedNsm, NsmClient
+from protocol.bhttp import pad
 from protocol.control import InferMode, check_nonce
 from protocol.errors import FrameError, OhttpError, UnknownKeyId
 from protocol.inference import (
@@ -117,6 +120,8 @@ class FakeBridge:
     knobs: Knobs = field(default_factory=Knobs)
     hits: list[str] = field(default_factory=list)
     received: list[InferenceRequest] = field(default_factory=list)
+    request_sizes: list[int] = field(default_factory=list)  # encapsulated, as the parent sees them
+    response_sizes: list[int] = field(default_factory=list)  # single (mode 0) answers, sealed
 
     def __post_init__(self) -> None:
         self.emulator = EmulatedNsm(
@@ -138,6 +143,14 @@ class FakeBridge:
     def rotate_key(self) -> None:
         self.key_id = (self.key_id + 1) % 256
         self.private_key, self.key_config = generate_key_config(self.key_id)
+
+    def restart_with_same_key_id(self) -> None:
+        """The enclave restarted and drew a new key with the same one-byte id: requests sealed
+        to the old key name a known id but no longer decapsulate (``malformed``, 400)."""
+        old = self.key_config
+        self.private_key, self.key_config = generate_key_config(self.key_id)
+        assert self.key_config[0] == old[0]
+        assert self.key_config != old
 
     def user_data(self) -> bytes:
         value = {
@@ -197,6 +210,7 @@ class FakeBridge:
             return self._problem(knobs.infer_status, knobs.infer_problem_type)
         mode = InferMode.for_media_type(request.headers.get("Content-Type", ""))
         body = await request.read()
+        self.request_sizes.append(len(body))
         try:
             if mode is InferMode.SINGLE:
                 message, context = decapsulate_request(self.private_key, self.key_config, body)
@@ -217,9 +231,11 @@ class FakeBridge:
         text = answer_text(inference)
         usage = Usage(prompt_tokens=len(inference.prompt.split()), completion_tokens=len(text))
         if mode is InferMode.SINGLE:
+            # padded to its size class (http_response pads too; pad() of a padded message is itself)
             data = context.encapsulate_response(
-                http_response(InferenceResponse(text, "stop", usage))
+                pad(http_response(InferenceResponse(text, "stop", usage)))
             )
+            self.response_sizes.append(len(data))
             return web.Response(
                 body=self._tampered(data),
                 content_type=knobs.content_type or MEDIA_TYPE_RESPONSE,

@@ -196,6 +196,77 @@ def test_load_measurements_refuses_anything_else(expect: object) -> None:
         load_measurements(expect)  # type: ignore[arg-type]
 
 
+# Accepted PCR sets that any enclave image matches (/tmp/review/pcr_partial.py): PCR1 is the kernel
+# of every EIF one nitro-cli builds; PCR2 the application alone; PCR3/PCR4 the parent's role and
+# instance.
+SET_PINS_NO_IMAGE: dict[str, dict[int, bytes]] = {
+    "kernel only": {1: MEASUREMENTS[1]},
+    "application only": {2: MEASUREMENTS[2]},
+    "kernel and application": {1: MEASUREMENTS[1], 2: MEASUREMENTS[2]},
+    "parent role only": {3: b"\x33" * 48},
+    "parent instance only": {4: b"\x44" * 48},
+    "role and instance": {3: b"\x33" * 48, 4: b"\x44" * 48},
+}
+
+
+@pytest.mark.parametrize("pcrs", SET_PINS_NO_IMAGE.values(), ids=SET_PINS_NO_IMAGE.keys())
+def test_rejects_expectations_that_do_not_pin_the_image(
+    nsm: EmulatedNsm, tmp_path: Path, pcrs: dict[int, bytes]
+) -> None:
+    path = tmp_path / "expect.yaml"
+    path.write_text(expect_yaml(pcrs))
+    for expect in (path, pcrs, PcrSet(pcrs), ExpectedMeasurements.of(pcrs)):
+        with pytest.raises(ConfigError, match=r"must include PCR0 .* or PCR8"):
+            load_measurements(expect)  # type: ignore[arg-type]
+    # a set is matched alone: one such set among good ones still accepts any image
+    with pytest.raises(ConfigError, match="accepted PCR set 2 of 2"):
+        load_measurements(ExpectedMeasurements.of(MEASUREMENTS, pcrs))
+    # and verify_attestation refuses it before looking at the document
+    with pytest.raises(ConfigError):
+        check(nsm, document(nsm), measurements=ExpectedMeasurements.of(pcrs))
+
+
+@pytest.mark.parametrize("index", [0, 8], ids=["image PCR0", "signing certificate PCR8"])
+def test_accepts_expectations_pinning_the_image_or_its_signer(index: int) -> None:
+    pcrs = {index: b"\x55" * 48, 1: MEASUREMENTS[1]}
+    assert load_measurements(pcrs) == ExpectedMeasurements.of(pcrs)
+
+
+def test_rejects_a_document_for_another_model_or_bundle(nsm: EmulatedNsm) -> None:
+    raw = document(nsm)
+    with pytest.raises(AttestationFailed) as caught:
+        check(nsm, raw, model_id="another-model")
+    assert caught.value.reason == "ModelMismatch"
+    assert "user_data.model_id" in str(caught.value)
+    with pytest.raises(AttestationFailed) as caught:
+        check(nsm, raw, manifest_sha256=bytes(32))
+    assert caught.value.reason == "ManifestMismatch"
+    assert "user_data.manifest_sha256" in str(caught.value)
+    pinned = check(nsm, raw, model_id=MODEL_ID, manifest_sha256=MANIFEST_SHA256.hex())
+    assert (pinned.model_pinned, pinned.manifest_pinned) == (True, True)
+    assert ("pinned model", "model id and manifest equal the expected ones") in pinned.checks()
+    assert "(equals the pinned value)" in "\n".join(pinned.describe())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"model_id": ""},
+        {"model_id": 7},
+        {"model_id": "a\nb"},
+        {"manifest_sha256": bytes(31)},
+        {"manifest_sha256": "zz" * 32},
+        {"manifest_sha256": 0},
+    ],
+    ids=["empty model", "model not text", "model unprintable", "short digest", "not hex", "int"],
+)
+def test_refuses_an_unusable_model_or_manifest_pin(
+    nsm: EmulatedNsm, options: dict[str, object]
+) -> None:
+    with pytest.raises(ConfigError):
+        check(nsm, document(nsm), **options)
+
+
 def test_load_roots_trusts_a_local_root_only_when_named(nsm: EmulatedNsm, tmp_path: Path) -> None:
     assert [r.name for r in load_roots()] == ["aws-nitro-enclaves-g1"]
     pem = tmp_path / "root.pem"

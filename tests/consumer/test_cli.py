@@ -171,6 +171,48 @@ def test_attest_without_the_local_root_is_rejected(
     assert "ChainInvalid" in out
 
 
+@pytest.mark.parametrize("command", ["ask", "attest", "proxy"])
+def test_refuses_expectations_that_pin_only_the_kernel(
+    command: str, url: str, bridge: FakeBridge, tmp_path: Path
+) -> None:
+    kernel_only = tmp_path / "kernel.yaml"
+    kernel_only.write_text(expect_yaml({1: OTHER_MEASUREMENTS[1]}))  # any image matches it
+    extra = {"ask": [PROMPT], "attest": [], "proxy": ["--listen", "127.0.0.1:0"]}[command]
+    status, out, err = run("consumer", command, *common(url, bridge, kernel_only), *extra)
+    assert status == 2
+    assert "PCR0 (the whole enclave image) or PCR8" in err
+    assert out == ""
+    assert bridge.hits == []
+
+
+def test_ask_refuses_an_enclave_serving_another_model(
+    url: str, bridge: FakeBridge, expect_file: Path
+) -> None:
+    args = common(url, bridge, expect_file)
+    status, out, err = run("consumer", "ask", *args, "--model-id", "another-model", PROMPT)
+    assert status == 1
+    assert "user_data.model_id" in err
+    assert out == ""
+    assert bridge.infer_count == 0
+
+
+def test_attest_checks_the_pinned_model_and_manifest(
+    url: str, bridge: FakeBridge, expect_file: Path
+) -> None:
+    args = common(url, bridge, expect_file)
+    pins = ["--model-id", MODEL_ID, "--manifest-sha256", MANIFEST_SHA256.hex()]
+    status, out, _ = run("consumer", "attest", *args, *pins)
+    assert status == 0
+    assert "[ok  ] pinned model" in out
+    assert "RESULT: VALID" in out
+    status, out, _ = run("consumer", "attest", *args, "--manifest-sha256", "00" * 32, "--json")
+    assert status == 1
+    assert json.loads(out)["error"]["type"] == "ManifestMismatch"
+    status, _, err = run("consumer", "attest", *args, "--manifest-sha256", "not-hex")
+    assert status == 2
+    assert "manifest sha256" in err
+
+
 @pytest.mark.parametrize("listen", ["0.0.0.0:8000", "192.168.1.10:8000", "localhost", "x:y"])
 def test_proxy_refuses_to_listen_beyond_loopback(
     listen: str, url: str, bridge: FakeBridge, expect_file: Path

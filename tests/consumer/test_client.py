@@ -232,6 +232,74 @@ def test_refuses_an_emulator_document_unless_its_root_is_named(
     assert bridge.infer_count == 0
 
 
+def test_refuses_to_start_with_expectations_that_pin_only_the_kernel(
+    url: str, bridge: FakeBridge, tmp_path: Path
+) -> None:
+    # /tmp/review/pcr_partial.py: PCR1 is the same for every image one nitro-cli builds, so an
+    # enclave running another image (OTHER_MEASUREMENTS: PCR0 differs) would match it
+    kernel_only = tmp_path / "kernel.yaml"
+    kernel_only.write_text(expect_yaml({1: OTHER_MEASUREMENTS[1]}))
+    with pytest.raises(ConfigError, match=r"PCR0 \(the whole enclave image\) or PCR8"):
+        client(url, bridge, kernel_only)
+    parent_only = {3: b"\x33" * 48, 4: b"\x44" * 48}
+    with pytest.raises(ConfigError, match="pins only PCR3, PCR4"):
+        AsyncClient(url, expect=parent_only, trust_local_root=bridge.root_pem_path)
+    assert bridge.hits == []
+
+
+@pytest.mark.parametrize(
+    ("pin", "reason"),
+    [
+        ({"expect_model_id": "another-model"}, "ModelMismatch"),
+        ({"expect_manifest_sha256": bytes(32)}, "ManifestMismatch"),
+        ({"expect_manifest_sha256": "00" * 32}, "ManifestMismatch"),
+    ],
+    ids=["model", "manifest", "manifest as hex"],
+)
+def test_refuses_an_enclave_serving_another_model_or_bundle(
+    url: str, bridge: FakeBridge, expect_file: Path, pin: dict[str, object], reason: str
+) -> None:
+    with client(url, bridge, expect_file, **pin) as c, pytest.raises(AttestationFailed) as caught:
+        c.generate(PROMPT)
+    assert caught.value.reason == reason
+
+    async def scenario() -> None:
+        async with AsyncClient(
+            url, expect=expect_file, trust_local_root=bridge.root_pem_path, timeout=10, **pin
+        ) as c:
+            await c.generate(PROMPT)
+
+    with pytest.raises(AttestationFailed) as caught:
+        asyncio.run(scenario())
+    assert caught.value.reason == reason
+    assert bridge.infer_count == 0
+
+
+def test_answers_when_the_pinned_model_and_bundle_match(
+    url: str, bridge: FakeBridge, expect_file: Path
+) -> None:
+    pins = {"expect_model_id": MODEL_ID, "expect_manifest_sha256": MANIFEST_SHA256}
+    with client(url, bridge, expect_file, **pins) as c:
+        completion = c.generate(PROMPT)
+    assert completion.text == ANSWER
+    assert completion.attestation.model_pinned
+    assert completion.attestation.manifest_pinned
+
+
+@pytest.mark.parametrize(
+    "pin",
+    [
+        {"expect_model_id": ""},
+        {"expect_manifest_sha256": b"short"},
+        {"expect_manifest_sha256": "xy"},
+    ],
+    ids=["empty model", "short digest", "not hex"],
+)
+def test_refuses_to_start_with_an_unusable_pin(expect_file: Path, pin: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        Client("http://127.0.0.1:1", expect=expect_file, **pin)  # type: ignore[arg-type]
+
+
 # --- Key rotation ---------------------------------------------------------------------------------
 
 
@@ -258,6 +326,105 @@ def test_stale_key_after_attesting_again_is_raised(
     assert caught.value.status == 422
     assert caught.value.problem["type"] == OHTTP_KEY_PROBLEM
     assert bridge.hits.count("GET /v1/attestation") == 2
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_key_id_collision_after_an_enclave_restart_re_attests_once(
+    url: str, bridge: FakeBridge, expect_file: Path, stream: bool
+) -> None:
+    with client(url, bridge, expect_file) as c:
+        first = c.attest()
+        bridge.restart_with_same_key_id()  # cached key id still known; its key is gone: 400
+        completion = ask(c, stream)
+        assert c.cached_attestation(first.key_id) is completion.attestation
+        ask(c, stream)  # the new attestation is cached and used
+    assert completion.text == ANSWER
+    assert completion.attestation.key_id == first.key_id
+    assert completion.attestation.key_config == bridge.key_config != first.key_config
+    assert bridge.hits == ["GET /v1/attestation", "POST /v1/infer"] * 2 + ["POST /v1/infer"]
+
+
+def test_key_id_collision_failing_again_after_attesting_is_raised(
+    url: str, bridge: FakeBridge, expect_file: Path
+) -> None:
+    with client(url, bridge, expect_file) as c:
+        c.attest()
+        bridge.knobs.infer_status = 400
+        with pytest.raises(ServerError) as caught:
+            c.generate(PROMPT)
+    assert caught.value.status == 400
+    assert bridge.hits == ["GET /v1/attestation", "POST /v1/infer"] * 2
+
+
+def test_malformed_answer_under_a_fresh_attestation_is_not_retried(
+    url: str, bridge: FakeBridge, expect_file: Path
+) -> None:
+    bridge.knobs.infer_status = 400  # the attestation was made for this request: no key mix-up
+    with client(url, bridge, expect_file) as c, pytest.raises(ServerError) as caught:
+        c.generate(PROMPT)
+    assert caught.value.status == 400
+    assert bridge.hits == ["GET /v1/attestation", "POST /v1/infer"]
+
+
+def test_key_id_collision_after_an_enclave_restart_async(
+    url: str, bridge: FakeBridge, expect_file: Path
+) -> None:
+    async def scenario() -> tuple[str, int]:
+        async with AsyncClient(
+            url, expect=expect_file, trust_local_root=bridge.root_pem_path, timeout=10
+        ) as c:
+            await c.attest()
+            bridge.restart_with_same_key_id()
+            stream = await c.generate(PROMPT, stream=True)
+            text = (await stream.completion()).text
+            bridge.restart_with_same_key_id()
+            bridge.knobs.infer_status = 400  # and this time it fails again after re-attesting
+            with pytest.raises(ServerError) as caught:
+                await c.generate(PROMPT)
+            return text, caught.value.status
+
+    assert asyncio.run(scenario()) == (ANSWER, 400)
+    attest_then_infer = ["GET /v1/attestation", "POST /v1/infer"]
+    assert bridge.hits == attest_then_infer * 2 + ["POST /v1/infer"] + attest_then_infer
+
+
+# --- Padding: the parent sees size classes, not lengths -------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_request_length_does_not_reveal_the_prompt_length(
+    url: str, bridge: FakeBridge, expect_file: Path, stream: bool
+) -> None:
+    prompts = ["hi", "what shape is this " * 15, "what shape is this " * 30]
+    with client(url, bridge, expect_file) as c:
+        for prompt in prompts:
+            c.generate(prompt, stream=True).completion() if stream else c.generate(prompt)
+    short, long, longer = bridge.request_sizes
+    assert short == long  # 2 and 285 characters: one size class (512 bytes of BHTTP)
+    assert longer > long  # 570 characters: the next class
+    assert [r.prompt for r in bridge.received] == prompts  # the enclave's decoder took the zeros
+
+
+def test_request_length_does_not_reveal_the_image_size(
+    url: str, bridge: FakeBridge, expect_file: Path
+) -> None:
+    png = tiny_png()
+    images = [("image/png", png), ("image/png", png + bytes(250)), ("image/png", png + bytes(700))]
+    with client(url, bridge, expect_file) as c:
+        for image in images:
+            c.generate(PROMPT, images=[image])
+    small, larger, largest = bridge.request_sizes
+    assert small == larger  # 250 bytes more, one size class
+    assert largest > larger
+    assert [r.images[0].data for r in bridge.received] == [data for _, data in images]
+
+
+def test_opens_padded_responses(url: str, bridge: FakeBridge, expect_file: Path) -> None:
+    with client(url, bridge, expect_file) as c:
+        texts = [c.generate(p).text for p in ("hi", "what shape is this " * 5)]
+    assert texts[0] == "HI (0 image(s))"
+    assert len(texts[1]) > 4 * len(texts[0])
+    assert bridge.response_sizes[0] == bridge.response_sizes[1]  # one size class on the wire
 
 
 # --- Response attacks: nothing unauthenticated is returned ----------------------------------------

@@ -130,6 +130,23 @@ def test_re_attests_on_a_stale_key(proxy: str, bridge: FakeBridge) -> None:
     assert bridge.hits.count("GET /v1/attestation") == 2
 
 
+def test_re_attests_after_a_key_id_collision(proxy: str, bridge: FakeBridge) -> None:
+    client = openai_client(proxy, max_retries=0)
+    client.chat.completions.create(model=MODEL_ID, messages=question())  # type: ignore[arg-type]
+    bridge.restart_with_same_key_id()  # the cached key id is known again, its key is not: 400
+    completion = client.chat.completions.create(model=MODEL_ID, messages=question())  # type: ignore[arg-type]
+    assert completion.choices[0].message.content == "WHAT SHAPE IS THIS (0 image(s))"
+    assert bridge.hits.count("GET /v1/attestation") == 2
+    assert bridge.infer_count == 3
+
+
+def test_proxy_client_refuses_expectations_that_pin_only_the_kernel(
+    url: str, bridge: FakeBridge
+) -> None:
+    with pytest.raises(ConfigError, match="PCR8"):
+        AsyncClient(url, expect={1: OTHER_MEASUREMENTS[1]}, trust_local_root=bridge.root_pem_path)
+
+
 # --- Refusals ------------------------------------------------------------------------------------
 
 

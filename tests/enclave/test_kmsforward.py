@@ -4,6 +4,7 @@ connections, idle timeouts and clean closes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -136,6 +137,40 @@ def test_closes_idle_connections(folder: Path) -> None:
     assert run(scenario()) == (b"", 0)
 
 
+class FloodRelay(Relay):
+    """A relay that answers with an endless stream of bytes."""
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        with contextlib.suppress(OSError):
+            while True:
+                writer.write(bytes(65536))
+                await writer.drain()
+
+
+def test_wedged_client_that_stops_reading_does_not_hold_its_connection(folder: Path) -> None:
+    # the reviewer's wedged close: the drain deadline fires and the forwarder closes, but an
+    # unbounded wait_closed() waited for the client to take the buffered bytes, forever
+    async def scenario() -> tuple[int, int, bytes]:
+        async with (
+            FloodRelay(relay_address(folder)) as relay,
+            KmsForwarder(relay.address, idle_timeout=0.2, close_timeout=0.2) as fwd,
+        ):
+            _, wedged = await connect(fwd)  # never reads
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if relay.connections and not fwd._tasks:
+                    break
+            open_tasks, active = len(fwd._tasks), fwd.stats.active
+            reader, writer = await connect(fwd)  # the next client is served
+            first = await reader.readexactly(4)
+            writer.close()
+            wedged.transport.abort()
+            return open_tasks, active, first
+
+    assert run(scenario()) == (0, 0, bytes(4))
+
+
 def test_close_ends_open_connections(folder: Path) -> None:
     async def scenario() -> bytes:
         async with Relay(relay_address(folder)) as relay:
@@ -174,7 +209,13 @@ def test_listens_on_a_given_address(folder: Path) -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{"max_connections": 0}, {"connect_timeout": 0}, {"idle_timeout": -1}, {"idle_timeout": True}],
+    [
+        {"max_connections": 0},
+        {"connect_timeout": 0},
+        {"idle_timeout": -1},
+        {"idle_timeout": True},
+        {"close_timeout": 0},
+    ],
 )
 def test_rejects_impossible_limits(folder: Path, options: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -28,7 +29,7 @@ from attestation.nsm import NsmClient
 from attestation.policy import Nonce, Policy
 from attestation.roots import TrustRoot
 from attestation.verify import verify
-from enclave.errors import EnclaveError
+from enclave.errors import ConfigError, EnclaveError
 from enclave.server import (
     MAX_DISCARD,
     EchoRuntime,
@@ -832,3 +833,210 @@ def test_echo_runtime_echoes_words_up_to_max_tokens() -> None:
     cut = runtime.generate("a bb ccc", (), Params(max_tokens=2))
     assert "".join(cut) == "a bb "
     assert (cut.finish_reason, cut.completion_tokens) == ("length", 2)
+
+
+# --- Length side channels, replays and key rotation ----------------------------------------------
+
+
+def test_single_answers_yes_and_no_seal_to_the_same_length(
+    nsm: EmulatedNsm, address: Address
+) -> None:
+    # the reviewer's table: "no" was 157 bytes on the wire, "yes" 158, "triangle" 163
+    ready = make_ready(nsm)
+    answers = ("no", "yes", "triangle", "purple square")
+    consumers = [consumer_request(ready.key.key_config, prompt=a) for a in answers]
+
+    async def scenario() -> list[list[Frame]]:
+        async with enclave(address, ready) as (_, parent):
+            out = []
+            for stream, consumer in enumerate(consumers, start=1):
+                await parent.send(consumer.frame(stream))
+                out.append(await parent.until_end(stream))
+            return out
+
+    answered = run(scenario())
+    assert len({len(frames[0].payload) for frames in answered}) == 1
+    for answer, consumer, frames in zip(answers, consumers, answered, strict=True):
+        assert single_response(consumer, frames).text == answer
+
+
+def test_streamed_token_lengths_do_not_show_in_chunk_sizes(
+    nsm: EmulatedNsm, address: Address
+) -> None:
+    # the reviewer's length_leak.py read every word's length off the chunk sizes
+    secret = "my diagnosis is pancreatic adenocarcinoma stage two"
+    ready = make_ready(nsm)
+    consumer = consumer_request(ready.key.key_config, mode=InferMode.CHUNKED, prompt=secret)
+
+    async def scenario() -> list[Frame]:
+        async with enclave(address, ready) as (_, parent):
+            await parent.send(consumer.frame(1))
+            return await parent.until_end(1)
+
+    frames = run(scenario())
+    sizes = [len(f.payload) for f in frames[:-2]]  # the deltas: not the final chunk, not the end
+    sizes[0] -= 32  # the first chunk carries the response nonce
+    assert len(sizes) == len(secret.split())
+    assert set(sizes) == {2 + 64 + 16}  # varint, a 64-byte padded piece, the AEAD tag
+    pieces = streamed_pieces(consumer, frames)
+    assert "".join(p.text for p in pieces if isinstance(p, StreamDelta)) == secret
+
+
+@pytest.mark.parametrize("mode", list(InferMode))
+def test_rejects_replayed_request(nsm: EmulatedNsm, address: Address, mode: InferMode) -> None:
+    # the parent sends a consumer's ciphertext again to sample the answer's length and timing
+    ready = make_ready(nsm)
+    consumer = consumer_request(ready.key.key_config, mode=mode)
+
+    async def scenario() -> tuple[list[Frame], list[Frame], list[Frame], int]:
+        async with enclave(address, ready) as (server, parent):
+            await parent.send(consumer.frame(1))
+            first = await parent.until_end(1)
+            await parent.send(consumer.frame(3))
+            again = await parent.until_end(3)
+            other = await Parent.connect(address)  # the record is the key's, not a connection's
+            await other.send(consumer.frame(5))
+            elsewhere = await other.until_end(5)
+            await other.close()
+            return first, again, elsewhere, server.stats.replays
+
+    first, again, elsewhere, replays = run(scenario())
+    assert first[-1].type == FrameType.INFER_RESPONSE_END
+    assert [error_of(again[-1]), error_of(elsewhere[-1])] == ["malformed", "malformed"]
+    assert len(again) == len(elsewhere) == 1  # nothing of the answer before the refusal
+    assert replays == 2
+
+
+def test_concurrent_replays_are_answered_once(nsm: EmulatedNsm, address: Address) -> None:
+    ready = make_ready(nsm, EchoRuntime(delay=0.01))
+    consumer = consumer_request(ready.key.key_config, mode=InferMode.CHUNKED)
+
+    async def scenario() -> list[FrameType]:
+        async with enclave(address, ready, max_concurrency=4) as (_, parent):
+            for stream in (1, 3, 5, 7):
+                await parent.send(consumer.frame(stream))
+            ends: dict[int, FrameType] = {}
+            while len(ends) < 4:
+                frame = await parent.recv()
+                if frame.type in ENDS:
+                    ends[frame.stream_id] = frame.type
+            return sorted(ends.values())
+
+    ends = run(scenario())
+    assert ends.count(FrameType.INFER_RESPONSE_END) == 1
+    assert ends.count(FrameType.ERROR) == 3
+
+
+def test_full_replay_record_rotates_the_key_and_old_requests_get_unknown_key(
+    nsm: EmulatedNsm, address: Address
+) -> None:
+    ready = make_ready(nsm)
+    old = ready.key
+
+    async def scenario() -> tuple[list[str], Health, Frame, str, int]:
+        async with enclave(address, ready, replay_capacity=2) as (server, parent):
+            codes = []
+            for stream in (1, 3, 5):  # two fill the record (and are served); the third is late
+                request = consumer_request(old.key_config)
+                await parent.send(request.frame(stream))
+                last = (await parent.until_end(stream))[-1]
+                codes.append("ok" if last.type == FrameType.INFER_RESPONSE_END else error_of(last))
+            health = await parent.health()
+            document = await parent.ask(Frame(FrameType.ATTESTATION_REQUEST, 7, bytes(32)))
+            current = server.ready_state
+            assert current is not None
+            fresh = consumer_request(current.key.key_config)
+            await parent.send(fresh.frame(9))
+            last = (await parent.until_end(9))[-1]
+            answered = "ok" if last.type == FrameType.INFER_RESPONSE_END else error_of(last)
+            return codes, health, document, answered, server.stats.key_rotations
+
+    codes, health, document, answered, rotations = run(scenario())
+    assert codes == ["ok", "ok", "unknown_key"]
+    assert health.key_id != old.key_id
+    assert rotations == 1
+    assert document.type == FrameType.ATTESTATION_RESPONSE
+    assert old.public_key not in document.payload  # the document binds the new key
+    assert answered == "ok"
+
+
+def test_rotated_key_id_never_equals_the_previous_one() -> None:
+    # a restarted or rotated key that drew the old id would make stale requests fail to decrypt
+    # ("malformed") instead of telling the consumer to re-attest ("unknown_key")
+    for key_id in range(256):
+        assert OhttpKey.generate(exclude=key_id).key_id != key_id
+    with pytest.raises(ConfigError):
+        OhttpKey.generate(exclude=256)
+
+
+def test_rotate_key_is_refused_before_ready(address: Address) -> None:
+    with pytest.raises(ConfigError):
+        EnclaveServer(address).rotate_key()
+
+
+# --- Connection slots and stream budgets ---------------------------------------------------------
+
+
+@dataclass
+class GatedNsm:
+    """An NSM whose documents wait for ``gate`` (a busy or slow NSM)."""
+
+    gate: threading.Event = field(default_factory=threading.Event)
+
+    def attestation(self, *, nonce: bytes, public_key: bytes, user_data: bytes) -> bytes:
+        self.gate.wait(5)
+        return b"document"
+
+
+def test_attestation_flood_does_not_make_inference_busy(nsm: EmulatedNsm, address: Address) -> None:
+    # the reviewer's attest_backlog.py: attestations the parent gave up on (and never cancelled)
+    # filled the connection's stream table and inference was refused "busy"
+    slow = GatedNsm()
+    ready = dataclasses.replace(make_ready(nsm), nsm=slow)  # type: ignore[arg-type]
+
+    async def scenario() -> tuple[list[str], list[FrameType]]:
+        async with enclave(address, ready, max_attestation_streams=4, max_streams=4) as (
+            _,
+            parent,
+        ):
+            for stream in range(1, 21, 2):  # 10 attestations; the NSM answers none yet
+                await parent.send(Frame(FrameType.ATTESTATION_REQUEST, stream, bytes(16)))
+            busy = [error_of(await parent.recv()) for _ in range(6)]
+            ends = []
+            for stream in (100, 102):
+                await parent.send(consumer_request(ready.key.key_config).frame(stream))
+                ends.append((await parent.until_end(stream))[-1].type)
+            slow.gate.set()
+            return busy, ends
+
+    busy, ends = run(scenario())
+    assert busy == ["busy"] * 6  # attestations over their own budget
+    assert ends == [FrameType.INFER_RESPONSE_END] * 2  # inference is not affected
+
+
+def test_wedged_parent_that_stops_reading_does_not_hold_a_connection_slot(
+    nsm: EmulatedNsm, address: Address
+) -> None:
+    # the reviewer's wedged_close.py: the write deadline fired, but the close waited forever for
+    # the parent to take the buffered answers, so the slot was never released
+    async def scenario() -> tuple[int, Health]:
+        async with enclave(address, make_ready(nsm), max_connections=1, write_timeout=0.3) as (
+            server,
+            wedged,
+        ):
+            wedged.writer.write(encode_frame(Frame(FrameType.HEALTH_PING, 1, b"")) * 20_000)
+            await wedged.writer.drain()  # ask for 20000 answers and read none
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if not server._connections:
+                    break
+            left = len(server._connections)
+            fresh = await Parent.connect(address)
+            try:
+                return left, await fresh.health()
+            finally:
+                await fresh.close()
+
+    left, health = run(scenario())
+    assert left == 0
+    assert health.ready

@@ -1,38 +1,99 @@
-"""`nci demo`: attestation and key release run end to end, twice on one state folder."""
+"""`nci demo`: the whole system in real processes, twice on one state folder, with nothing left
+behind."""
 
 from __future__ import annotations
 
 import io
+import os
+import re
 from pathlib import Path
 
 import pytest
 
 from nci.cli import main
 
-
-def test_demo_accepts_the_genuine_document_and_refuses_forgeries(tmp_path: Path) -> None:
-    for _ in range(2):  # the second run reuses the local CA in the state folder
-        out, err = io.StringIO(), io.StringIO()
-        status = main(["demo", "--state-dir", str(tmp_path)], out=out, err=err)
-        text = out.getvalue()
-        assert status == 0, text + err.getvalue()
-        assert "=> ACCEPTED" in text
-        assert "REFUSED (SignatureInvalid)" in text
-        assert "REFUSED (ChainInvalid)" in text
-        assert "not by Nitro hardware" in text
-        assert "RELEASED: the same data key the provider sealed" in text
-        assert text.count("=> REFUSED (AccessDeniedException)") == 2
-        assert "UNLOCKED: 3 tensors, identical to the provider's" in text
-        assert "REFUSED (BundleIntegrityError" in text
-        assert "every forgery, tampering and unattested caller was refused" in text
-    assert (tmp_path / "nsm").is_dir()
+pytestmark = pytest.mark.slow
 
 
-def test_demo_runs_with_the_default_relative_state_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def run_demo(argv: list[str]) -> str:
+    out, err = io.StringIO(), io.StringIO()
+    status = main(["demo", *argv], out=out, err=err)
+    text = out.getvalue()
+    assert status == 0, text + err.getvalue()
+    return text
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Processes whose command line holds ``text``."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
+                    if text.encode() in handle.read():
+                        found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def check_output(text: str) -> None:
+    # provider and auditor
+    assert "lint the key policy: no hole found" in text
+    assert re.search(r"published to s3://nci-models/anymal-shapes/[0-9a-f]{8} \(moto S3\)", text)
+    # parent and enclave, in their own processes
+    assert "start `nci parent run`" in text
+    assert "6/6 ready: ready" in text
+    # the parent's role alone, and a modified image, are refused the key
+    assert text.count("=> REFUSED (AccessDeniedException)") == 2
+    # consumer and auditor accept the genuine document, which says it is not Nitro hardware
+    assert "=> ACCEPTED: prompts are encrypted to this key only" in text
+    assert "NOT Nitro hardware" in text
+    assert re.search(r"\[ok  \] key binding +OHTTP key id \d+", text)
+    # five questions, each answered (the answers depend on the built-in model's training)
+    assert text.count("             Q      ") == 5
+    answers = re.findall(r"^ {13}model  (.*)$", text, flags=re.MULTILINE)
+    assert len(answers) == 5
+    assert all(answer.strip() for answer in answers)
+    # the parent saw ciphertext only, and the logs hold no plaintext
+    assert re.search(r"bytes relayed: \d+ across 4 connections, plaintext found: none", text)
+    assert "logs: plaintext found: none" in text
+    # attackers
+    assert "REFUSED (DecapsulationError" in text
+    assert "REFUSED (SignatureInvalid)" in text
+    assert "REFUSED (ChainInvalid)" in text
+    assert "REFUSED (BundleIntegrityError" in text
+    # clean shutdown
+    assert "no process of the system is left" in text
+    assert "demo: everything went as expected" in text
+
+
+def test_demo_twice_on_one_state_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # (1) the default state folder: ./.nci
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("NCI_STATE_DIR", raising=False)
+    first = run_demo([])
+    check_output(first)
+    state = tmp_path / ".nci"
+    assert (state / "nsm").is_dir()
+    assert (state / "demo" / "scene-1.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    root_pem = (state / "nsm" / "root.pem").read_bytes()
+    # (2) the same folder again: the emulator's CA is reused
+    second = run_demo(["--state-dir", str(state)])
+    check_output(second)
+    assert (state / "nsm" / "root.pem").read_bytes() == root_pem
+    # nothing of either run is left: no process, no temporary folder
+    for text in (first, second):
+        match = re.search(r"unix://(/\S+)/bridge\.sock", text)
+        assert match is not None
+        assert not Path(match[1]).exists()
+        assert processes_mentioning(match[1]) == []
+
+
+def test_demo_failure_is_one_line_and_exit_status_1(tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "state"
+    not_a_folder.write_text("a file where the state folder goes\n")
     out, err = io.StringIO(), io.StringIO()
-    assert main(["demo"], out=out, err=err) == 0, out.getvalue() + err.getvalue()
-    assert (tmp_path / ".nci" / "nsm").is_dir()
+    assert main(["demo", "--state-dir", str(not_a_folder)], out=out, err=err) == 1
+    assert err.getvalue().startswith("nci demo: FAILED: ")
+    assert len(err.getvalue().splitlines()) == 1

@@ -1,7 +1,7 @@
 """The consumer-facing HTTP bridge against a fake enclave: passthrough, errors, limits, metrics.
 
 The bridge is untrusted and sees only ciphertext: the bodies here are opaque bytes (the enclave
-is :class:`~tests.parent.test_enclave_link.FakeEnclave`, which echoes them), and the tests check
+is :class:`~tests.parent.fakeenclave.FakeEnclave`, which echoes them), and the tests check
 that they pass byte-exact and never reach logs or metrics.
 """
 
@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from protocol.control import InferMode, InferRequest
 from protocol.errors import ConfigError
 from protocol.frames import ErrorPayload, Frame, FrameType
 from protocol.transport import Address
-from tests.parent.test_enclave_link import BOOTING, FakeEnclave, InferScript, Send, echo, refuse
+from tests.parent.fakeenclave import BOOTING, FakeEnclave, InferScript, Send, echo, refuse
 
 NONCE = bytes(range(32))
 SECRET = b"RECOGNISABLE-CIPHERTEXT-7f3a9c"  # stands in for an encapsulated prompt
@@ -109,6 +109,44 @@ def test_attestation_passes_the_document_through(tmp_path: Path) -> None:
     assert (status, content_type) == (200, "application/cbor")
     assert body == b"DOC:" + NONCE
     assert cache == "no-store"
+
+
+def test_attestation_flood_gets_429_and_leaves_the_enclave_to_inference(tmp_path: Path) -> None:
+    """An attestation flood (/tmp/review/attest_backlog.py) waits in no queue: past
+    ``max_attestations`` it is refused at the bridge, and inference goes on."""
+    limits = BridgeLimits(max_attestations=2, linger=0.1)
+
+    async def run() -> tuple[list[int], str | None, int, int, int]:
+        async with bridged(tmp_path, limits=limits) as env:
+            env.enclave.attest_delay = 0.5
+            url = f"{env.url}/v1/attestation?nonce={NONCE.hex()}"
+
+            async def attest() -> tuple[int, str | None]:
+                async with env.http.get(url) as response:
+                    await response.read()
+                    return response.status, response.headers.get("Retry-After")
+
+            flood = [asyncio.create_task(attest()) for _ in range(10)]
+            await asyncio.sleep(0.2)
+            async with env.http.post(f"{env.url}/v1/infer", data=SECRET, headers=REQ) as response:
+                await response.read()
+                inference = response.status
+            answers = await asyncio.gather(*flood)
+            retry = next(r for s, r in answers if s == 429)
+            return (
+                [s for s, _ in answers],
+                retry,
+                inference,
+                env.enclave.peak_attestations,
+                (await attest())[0],
+            )
+
+    statuses, retry_after, inference, peak, after = asyncio.run(run())
+    assert sorted(statuses) == [200] * 2 + [429] * 8
+    assert retry_after == "1"
+    assert inference == 200
+    assert peak == 2
+    assert after == 200  # the budget is given back
 
 
 @pytest.mark.parametrize(
@@ -465,6 +503,141 @@ def test_slowloris_body_times_out(tmp_path: Path) -> None:
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert 0.2 < elapsed < 2
     assert requests == []
+
+
+async def trickle(env: Env, *, declared: int = 1_000_000, every: float = 0.05) -> bytes:
+    """A slow uploader: headers at once, then one body byte every ``every`` seconds until the
+    bridge answers; returns the answer's status line."""
+    reader, writer = await asyncio.open_connection(env.host, env.port)
+    try:
+        writer.write(
+            b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: message/ohttp-req\r\n"
+            + f"Content-Length: {declared}\r\n\r\n".encode()
+        )
+        answer = asyncio.ensure_future(reader.readline())
+        for _ in range(declared):
+            done, _ = await asyncio.wait([answer], timeout=every)
+            if done:
+                return answer.result()
+            with contextlib.suppress(ConnectionError):
+                writer.write(b"A")
+        return await answer
+    finally:
+        writer.transport.abort()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 3.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def bridge_gauge(text: str, name: str) -> float:
+    return float(text.split(f"\n{name} ")[1].split()[0])
+
+
+def test_slow_uploaders_cannot_hold_the_inference_slots(tmp_path: Path) -> None:
+    """Slowloris on the body (/tmp/review/bridge_slowloris.py): as many slow uploads as there
+    are inference slots hold upload slots only, and a normal request is still served."""
+    limits = BridgeLimits(max_concurrency=2, linger=0.1)  # 4 upload slots
+
+    async def run() -> tuple[int, str]:
+        async with bridged(tmp_path, limits=limits) as env:
+            slow = [asyncio.create_task(trickle(env)) for _ in range(limits.max_concurrency)]
+            try:
+                await asyncio.sleep(0.3)  # they are uploading, a byte at a time
+                async with env.http.get(f"{env.url}/metrics") as response:
+                    text = await response.text()
+                url = f"{env.url}/v1/infer"
+                async with env.http.post(url, data=SECRET, headers=REQ) as response:
+                    await response.read()
+                    return response.status, text
+            finally:
+                for task in slow:
+                    task.cancel()
+                await asyncio.gather(*slow, return_exceptions=True)
+
+    status, metrics = asyncio.run(run())
+    assert status == 200  # was 429: the slow uploads held every inference slot
+    assert bridge_gauge(metrics, "nci_bridge_uploads_in_flight") == 2
+    assert bridge_gauge(metrics, "nci_bridge_inference_in_flight") == 0
+
+
+def test_slow_uploaders_over_the_upload_budget_get_429_with_retry_after(tmp_path: Path) -> None:
+    limits = BridgeLimits(max_concurrency=1, max_uploads=2, linger=0.1)
+
+    async def run() -> bytes:
+        async with bridged(tmp_path, limits=limits) as env:
+            slow = [asyncio.create_task(trickle(env)) for _ in range(2)]
+            try:
+                await until(lambda: env.enclave.connections > 0)
+                await asyncio.sleep(0.3)
+                head = (
+                    b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: message/ohttp-req\r\n"
+                    + f"Content-Length: {len(SECRET)}\r\n\r\n".encode()
+                    + SECRET
+                )
+                answer, _ = await raw_exchange(env, head)
+                return answer
+            finally:
+                for task in slow:
+                    task.cancel()
+                await asyncio.gather(*slow, return_exceptions=True)
+
+    answer = asyncio.run(run())
+    assert answer.startswith(b"HTTP/1.1 429 ")
+    assert b"\r\nRetry-After: 1\r\n" in answer
+
+
+def test_body_trickling_past_the_body_deadline_gets_408(tmp_path: Path) -> None:
+    """Each byte arrives well within the per-read deadline, the whole body does not."""
+    limits = BridgeLimits(client_read_timeout=5, body_timeout=0.5, linger=0.1)
+
+    async def run() -> tuple[bytes, float, list[Frame], str]:
+        async with bridged(tmp_path, limits=limits) as env:
+            started = time.monotonic()
+            answer = await trickle(env, declared=1000, every=0.05)
+            elapsed = time.monotonic() - started
+            async with env.http.get(f"{env.url}/metrics") as response:
+                text = await response.text()
+            return answer, elapsed, infer_requests(env.enclave), text
+
+    answer, elapsed, requests, text = asyncio.run(run())
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert 0.4 < elapsed < 2.5
+    assert requests == []
+    assert bridge_gauge(text, "nci_bridge_uploads_in_flight") == 0
+
+
+def test_body_completed_while_every_inference_slot_is_taken_gets_429(tmp_path: Path) -> None:
+    release = asyncio.Event()
+
+    async def hold(request: InferRequest, stream_id: int, send: Send) -> None:
+        await release.wait()
+        await echo(request, stream_id, send)
+
+    limits = BridgeLimits(max_concurrency=1, linger=0.1)
+
+    async def run() -> tuple[bytes, int]:
+        async with bridged(tmp_path, infer=hold, limits=limits) as env:
+            # admitted while the slot is free; its body completes only once it is taken
+            late = asyncio.create_task(trickle(env, declared=10, every=0.05))
+            await asyncio.sleep(0.1)
+
+            async def first() -> int:
+                async with env.http.post(f"{env.url}/v1/infer", data=SECRET, headers=REQ) as r:
+                    await r.read()
+                    return r.status
+
+            held = asyncio.create_task(first())
+            await until(lambda: len(infer_requests(env.enclave)) == 1)
+            answer = await late
+            release.set()
+            return answer, await held
+
+    answer, first = asyncio.run(run())
+    assert first == 200
+    assert answer.startswith(b"HTTP/1.1 429 ")
 
 
 def test_slowloris_headers_are_cut_off(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from parent.enclave_link import LinkTimeouts
 from protocol.control import Credentials
 from protocol.errors import ConfigError
 from protocol.transport import Address, parse_address
-from tests.parent.test_enclave_link import FakeEnclave
+from tests.parent.fakeenclave import FakeEnclave
 
 BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "bundle"
 MINIMAL = "bridge: {listen: 'tcp://127.0.0.1:8443'}\nenclave: {control: 'unix:///run/e.sock'}\n"
@@ -52,7 +52,9 @@ def test_the_documented_example_parses_with_every_section(tmp_path: Path) -> Non
     big = config.bundles.sources["big-model"]
     assert (big.s3_bucket, big.s3_prefix) == ("my-bucket", "sealed/big-model")
     assert config.credentials_source == "session"
-    assert config.launcher == LocalLauncherConfig(tmp_path / "state/enclave.json", 10.0, 30.0)
+    assert config.launcher == LocalLauncherConfig(
+        tmp_path / "state/enclave.json", 10.0, 30.0, log=tmp_path / "state/enclave.log"
+    )
     assert config.limits == BridgeLimits()
 
 
@@ -61,6 +63,14 @@ def test_minimal_configuration_takes_the_defaults(tmp_path: Path) -> None:
     assert (config.kms_relay, config.bundles, config.launcher) == (None, None, None)
     assert config.credentials_source == "session"
     assert config.limits == BridgeLimits()
+
+
+def test_upload_and_attestation_limits(tmp_path: Path) -> None:
+    text = MINIMAL + "limits: {max_concurrency: 3, max_attestations: 2, body_timeout: 5}\n"
+    limits = parse_config(text, base=tmp_path).limits
+    assert (limits.upload_limit, limits.max_attestations, limits.body_timeout) == (6, 2, 5.0)
+    text = MINIMAL + "limits: {max_concurrency: 3, max_uploads: 4}\n"
+    assert parse_config(text, base=tmp_path).limits.upload_limit == 4
 
 
 def test_aws_launcher_section(tmp_path: Path) -> None:
@@ -128,6 +138,11 @@ def test_rejects_unknown_keys_in_nested_sections(tmp_path: Path, text: str, wher
         (MINIMAL + "limits: {max_concurrency: 0}\n", "limits.max_concurrency"),
         (MINIMAL + "limits: {max_body_bytes: 99999999999}\n", "max_body_bytes"),
         (MINIMAL + "limits: {request_deadline: -1}\n", "limits.request_deadline"),
+        (MINIMAL + "limits: {max_uploads: 0}\n", "limits.max_uploads"),
+        (MINIMAL + "limits: {max_uploads: 2.5}\n", "limits.max_uploads"),
+        (MINIMAL + "limits: {max_attestations: true}\n", "limits.max_attestations"),
+        (MINIMAL + "limits: {max_attestations: null}\n", "limits.max_attestations"),
+        (MINIMAL + "limits: {body_timeout: 0}\n", "limits.body_timeout"),
         (MINIMAL + "credentials: {source: magic}\n", "credentials.source"),
         (MINIMAL + "launcher: {local: {enclave_config: a}, aws: {eif_path: b}}\n", "exactly one"),
         (MINIMAL + "launcher: {}\n", "exactly one"),

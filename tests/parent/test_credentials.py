@@ -18,7 +18,7 @@ from parent.enclave_link import EnclaveLink, LinkTimeouts
 from protocol.control import Credentials
 from protocol.errors import ConfigError
 from protocol.transport import Address
-from tests.parent.test_enclave_link import FakeEnclave
+from tests.parent.fakeenclave import FakeEnclave
 
 FIRST = Credentials(
     "ASIAFIRSTEXAMPLE0001", "first/secret+KEY", "first-token", "2030-01-01T00:00:00"

@@ -1,7 +1,7 @@
 """The parent's control link to the enclave: multiplexing, errors, deadlines, reconnects.
 
-The enclave here is :class:`FakeEnclave`, a small asyncio frame server speaking the control
-protocol of docs/request-path.md and scripted per test (the bridge tests use it too).
+The enclave here is :class:`~tests.parent.fakeenclave.FakeEnclave`, a small asyncio frame server
+speaking the control protocol of docs/request-path.md and scripted per test.
 """
 
 from __future__ import annotations
@@ -16,135 +16,12 @@ import pytest
 
 from parent.enclave_link import EnclaveError, EnclaveLink, LinkTimeouts
 from protocol.control import Credentials, Health, InferMode, InferRequest
-from protocol.errors import FrameError, ProtocolError
-from protocol.frames import (
-    ErrorPayload,
-    Frame,
-    FrameType,
-    encode_frame,
-    read_frame,
-    write_frame,
-)
+from protocol.errors import FrameError
+from protocol.frames import ErrorPayload, Frame, FrameType, encode_frame, read_frame
 from protocol.transport import Address, start_server
+from tests.parent.fakeenclave import READY, FakeEnclave, InferScript, Send, echo, refuse
 
-READY = Health("ready", 6, 6, "ready", key_id=7)
-BOOTING = Health("booting", 2, 6, "credentials")
 CREDS = Credentials("AKIAEXAMPLEEXAMPLE01", "secret/Example+Key", "token", "2030-01-01T00:00:00Z")
-
-Send = Callable[[Frame], Awaitable[None]]
-InferScript = Callable[[InferRequest, int, Send], Awaitable[None]]
-
-
-async def echo(request: InferRequest, stream_id: int, send: Send) -> None:
-    """Mode 0: the request back as one chunk. Mode 1: the request back in 3-byte chunks."""
-    if request.mode is InferMode.SINGLE:
-        await send(Frame(FrameType.INFER_RESPONSE_CHUNK, stream_id, request.message))
-    else:
-        for i in range(0, len(request.message), 3):
-            piece = request.message[i : i + 3]
-            await send(Frame(FrameType.INFER_RESPONSE_CHUNK, stream_id, piece))
-    await send(Frame(FrameType.INFER_RESPONSE_END, stream_id, b""))
-
-
-def refuse(code: str, message: str = "refused") -> InferScript:
-    async def script(request: InferRequest, stream_id: int, send: Send) -> None:
-        await send(ErrorPayload(code, message).frame(stream_id))
-
-    return script
-
-
-class FakeEnclave:
-    """The enclave's side of the control connection, in-process, for tests.
-
-    Answers HEALTH_PING with :attr:`health`, ATTESTATION_REQUEST with ``b"DOC:" + nonce`` (or
-    an ERROR ``not_ready`` when not ready) and INFER_REQUEST with :attr:`infer` (each request in
-    its own task, so streams interleave). Records credentials and frames received.
-    """
-
-    def __init__(self, address: Address, *, infer: InferScript = echo) -> None:
-        self.address = address
-        self.health = READY
-        self.infer = infer
-        self.credentials: list[Credentials] = []
-        self.received: list[Frame] = []
-        self.connections = 0
-        self._server: asyncio.AbstractServer | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._serving: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> FakeEnclave:
-        self._server = await start_server(self.address, self._serve)
-        return self
-
-    async def stop(self) -> None:
-        """Stop listening and drop every connection abruptly (a crash)."""
-        if self._server is not None:
-            self._server.close()
-        self.kill_connections()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._serving:  # each ends on its aborted connection
-            await asyncio.wait(self._serving, timeout=2)
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
-
-    def kill_connections(self) -> None:
-        for writer in self._writers:
-            writer.transport.abort()
-        self._writers.clear()
-
-    async def __aenter__(self) -> FakeEnclave:
-        return await self.start()
-
-    async def __aexit__(self, *_exc: object) -> None:
-        await self.stop()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self._writers.append(writer)
-        task = asyncio.current_task()
-        assert task is not None
-        self._serving.add(task)
-        task.add_done_callback(self._serving.discard)
-        lock = asyncio.Lock()
-
-        async def send(frame: Frame) -> None:
-            async with lock:
-                await write_frame(writer, frame, timeout=5)
-
-        try:
-            while True:
-                frame = await read_frame(reader, timeout=60)
-                self.received.append(frame)
-                task = asyncio.create_task(self._answer(frame, send))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-        except (ProtocolError, OSError):  # ConnectionClosed, a bad frame, a reset
-            pass
-        finally:
-            writer.transport.abort()
-
-    async def _answer(self, frame: Frame, send: Send) -> None:
-        with contextlib.suppress(Exception):
-            if frame.type is FrameType.HEALTH_PING:
-                await send(self.health.frame(frame.stream_id))
-            elif frame.type is FrameType.CREDENTIALS:
-                self.credentials.append(Credentials.decode(frame.payload))
-            elif frame.type is FrameType.ATTESTATION_REQUEST:
-                if not self.health.ready:
-                    await send(ErrorPayload("not_ready", "boot step 2").frame(frame.stream_id))
-                else:
-                    document = b"DOC:" + frame.payload
-                    await send(Frame(FrameType.ATTESTATION_RESPONSE, frame.stream_id, document))
-            elif frame.type is FrameType.INFER_REQUEST:
-                if not self.health.ready:
-                    await send(ErrorPayload("not_ready", "boot step 2").frame(frame.stream_id))
-                else:
-                    await self.infer(InferRequest.decode(frame.payload), frame.stream_id, send)
-
 
 FAST = LinkTimeouts(connect=1, frame=1, write=1, health=1, attestation=1, first_response=2)
 
@@ -184,13 +61,16 @@ async def collect(link: EnclaveLink, request: InferRequest) -> list[bytes]:
 
 
 def test_health_and_attestation_pass_through(tmp_path: Path) -> None:
-    async def run() -> tuple[Health, bytes]:
-        async with linked(tmp_path) as (_, link):
-            return await link.health(), await link.attest(b"n" * 32)
+    async def run() -> tuple[Health, bytes, list[Frame]]:
+        async with linked(tmp_path) as (enclave, link):
+            health, document = await link.health(), await link.attest(b"n" * 32)
+            await asyncio.sleep(0.05)
+            return health, document, enclave.received
 
-    health, document = asyncio.run(run())
+    health, document, received = asyncio.run(run())
     assert health == READY
     assert document == b"DOC:" + b"n" * 32
+    assert cancels(received) == []  # answered streams are not cancelled
 
 
 @pytest.mark.parametrize("nonce", [b"", b"x" * 15, b"x" * 65])
@@ -312,6 +192,73 @@ def test_connection_loss_fails_the_stream_and_says_whether_it_had_started(
     assert (error.code, error.mid_stream) == ("unreachable", chunks_before > 0)
 
 
+def cancels(received: list[Frame]) -> list[tuple[int, str]]:
+    """The parent's cancels among the frames the enclave received: (stream id, code)."""
+    return [
+        (f.stream_id, ErrorPayload.decode(f.payload).code)
+        for f in received
+        if f.type is FrameType.ERROR
+    ]
+
+
+async def settle(enclave: FakeEnclave, count: int) -> list[tuple[int, str]]:
+    """Wait (up to 2 s) until the enclave has received ``count`` cancels."""
+    for _ in range(200):
+        if len(cancels(enclave.received)) >= count:
+            break
+        await asyncio.sleep(0.01)
+    return cancels(enclave.received)
+
+
+@pytest.mark.parametrize(
+    "request_type",
+    [FrameType.ATTESTATION_REQUEST, FrameType.INFER_REQUEST],
+    ids=["attestation", "inference"],
+)
+def test_attestation_flood_cannot_pin_enclave_streams_given_up_at_their_deadline(
+    tmp_path: Path, request_type: FrameType
+) -> None:
+    """A request the link gives up on (its deadline passed) is cancelled in the enclave, so a
+    flood of slow requests cannot keep the enclave's streams (and its NSM or model) busy."""
+
+    async def silent(request: InferRequest, stream_id: int, send: Send) -> None:
+        await asyncio.sleep(30)
+
+    timeouts = LinkTimeouts(connect=1, attestation=0.1, first_response=0.1)
+
+    async def run() -> tuple[EnclaveError, list[tuple[int, str]], int, int]:
+        async with linked(tmp_path, infer=silent, timeouts=timeouts) as (enclave, link):
+            enclave.attest_delay = 30
+            request: Awaitable[object]
+            if request_type is FrameType.ATTESTATION_REQUEST:
+                request = link.attest(b"n" * 32)
+            else:
+                request = collect(link, InferRequest(InferMode.SINGLE, b"x"))
+            with pytest.raises(EnclaveError) as info:
+                await request
+            sent = next(f.stream_id for f in enclave.received if f.type is request_type)
+            return info.value, await settle(enclave, 1), sent, link.open_streams
+
+    error, cancelled, stream_id, still_open = asyncio.run(run())
+    assert error.code == "timeout"
+    assert cancelled == [(stream_id, "cancelled")]
+    assert still_open == 0
+
+
+def test_attestation_whose_caller_left_is_cancelled_in_the_enclave(tmp_path: Path) -> None:
+    async def run() -> tuple[list[tuple[int, str]], int]:
+        async with linked(tmp_path) as (enclave, link):
+            enclave.attest_delay = 30
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1):  # the consumer gave up first
+                    await link.attest(b"n" * 32)
+            return await settle(enclave, 1), link.open_streams
+
+    cancelled, still_open = asyncio.run(run())
+    assert [code for _, code in cancelled] == ["cancelled"]
+    assert still_open == 0
+
+
 def test_silent_enclave_hits_the_response_deadline(tmp_path: Path) -> None:
     async def silent(request: InferRequest, stream_id: int, send: Send) -> None:
         await asyncio.sleep(30)
@@ -380,6 +327,30 @@ def test_link_reconnects_after_an_enclave_restart_and_resends_credentials(tmp_pa
     first, second, credentials = asyncio.run(run())
     assert (first, second) == (1, 1)
     assert credentials == [CREDS, CREDS]
+
+
+def test_peer_that_accepts_and_hangs_up_at_once_does_not_spin_the_link(tmp_path: Path) -> None:
+    # a relay in front of a stopped enclave accepts and closes every connection at once; the
+    # link must back off (it made thousands of connections a second before)
+    address = Address("unix", path=str(tmp_path / "relay.sock"))
+    accepted = 0
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()
+
+    async def run() -> int:
+        server = await start_server(address, hang_up)
+        try:
+            async with EnclaveLink(address, timeouts=FAST, backoff_max=0.4):
+                await asyncio.sleep(1.0)
+        finally:
+            server.close()
+        return accepted
+
+    # backoff 0.05, 0.1, 0.2, 0.4, 0.4 ... s: about six connections in one second
+    assert 2 <= asyncio.run(run()) <= 10
 
 
 def test_bad_frame_header_from_the_enclave_drops_the_connection(tmp_path: Path) -> None:

@@ -7,9 +7,11 @@ The local tests run stand-in children (``python -c …``): the real entry point,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -48,6 +50,32 @@ def test_default_command_runs_the_enclave_module(tmp_path: Path) -> None:
     assert launcher.command == [
         sys.executable, "-m", "enclave", "--config", str(tmp_path / "enclave.json"),
     ]  # fmt: skip
+
+
+def test_verbose_runs_the_enclave_with_info_logs(tmp_path: Path) -> None:
+    launcher = LocalLauncher(tmp_path / "enclave.json", verbose=True)
+    assert launcher.command[3] == "-v"
+
+
+def test_enclave_log_gets_every_runs_stderr_and_is_private(tmp_path: Path) -> None:
+    log = tmp_path / "enclave.log"
+    launcher = LocalLauncher(
+        tmp_path / "unused.json",
+        command=python("import sys; sys.stderr.write('run\\n'); sys.exit(1)"),
+        backoff_initial=0.05,
+        backoff_max=0.05,
+        log=log,
+    )
+
+    async def run() -> None:
+        await launcher.start()
+        while launcher.restarts < 2:
+            await asyncio.sleep(0.02)
+        await launcher.stop()
+
+    asyncio.run(run())
+    assert log.read_text().count("run\n") >= 2  # appended, not truncated, across restarts
+    assert log.stat().st_mode & 0o777 == 0o600
 
 
 def test_restarts_a_dying_child_with_growing_backoff(tmp_path: Path) -> None:
@@ -145,6 +173,147 @@ def test_stop_reaches_the_childs_own_children(tmp_path: Path) -> None:
         return pid
 
     assert not alive(asyncio.run(run()))
+
+
+GRANDCHILD = (  # a helper the enclave leaves behind; it ignores SIGTERM and logs its pid
+    "import os, signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "with open(sys.argv[1], 'a') as f:\n"
+    "    f.write(f'{os.getpid()}\\n')\n"
+    "time.sleep(60)\n"
+)
+
+
+def leaving_a_grandchild(pids: Path, then: str) -> list[str]:
+    """A stand-in enclave that starts :data:`GRANDCHILD`, waits for its pid in ``pids``, then
+    runs ``then``."""
+    code = (
+        "import os, subprocess, sys, time\n"
+        f"path = {str(pids)!r}\n"
+        "def count():\n"
+        "    return len(open(path).read().split()) if os.path.exists(path) else 0\n"
+        "before = count()\n"
+        f"subprocess.Popen([sys.executable, '-c', {GRANDCHILD!r}, path])\n"
+        "while count() <= before:\n"
+        "    time.sleep(0.01)\n"
+        f"{then}\n"
+    )
+    return python(code)
+
+
+def recorded(pids: Path) -> list[int]:
+    return [int(pid) for pid in pids.read_text().split()] if pids.exists() else []
+
+
+async def all_dead(pids: list[int], timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def kill_survivors(pids: Path) -> None:
+    for pid in recorded(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_orphaned_grandchildren_do_not_survive_restarts_or_stop(tmp_path: Path) -> None:
+    """/tmp/review/launcher_orphans.py: an enclave that exits and leaves a helper behind (one
+    that even ignores SIGTERM) must not leave it running across restarts or after stop()."""
+    pids = tmp_path / "grandchildren"
+    launcher = LocalLauncher(
+        tmp_path / "unused.json",
+        command=leaving_a_grandchild(pids, "sys.exit(3)"),
+        backoff_initial=0.05,
+        backoff_max=0.05,
+        grace=1,
+    )
+
+    async def run() -> tuple[bool, bool, int]:
+        await launcher.start()
+        try:
+            async with asyncio.timeout(20):
+                while launcher.restarts < 3:
+                    await asyncio.sleep(0.02)
+            earlier = recorded(pids)[:2]  # runs 1 and 2: killed before runs 2 and 3 started
+            restarted_clean = await all_dead(earlier)
+        finally:
+            await launcher.stop()
+        return restarted_clean, await all_dead(recorded(pids)), len(recorded(pids))
+
+    try:
+        restarted_clean, stopped_clean, count = asyncio.run(run())
+    finally:
+        kill_survivors(pids)
+    assert count >= 3
+    assert restarted_clean  # was: every earlier run's helper still running
+    assert stopped_clean
+
+
+def test_stop_kills_a_grandchild_that_ignores_sigterm(tmp_path: Path) -> None:
+    pids = tmp_path / "grandchildren"
+    command = leaving_a_grandchild(pids, "time.sleep(60)")
+    launcher = LocalLauncher(tmp_path / "unused.json", command=command, grace=5)
+
+    async def run() -> tuple[list[int], float, bool]:
+        await launcher.start()
+        try:
+            async with asyncio.timeout(10):
+                while not recorded(pids):
+                    await asyncio.sleep(0.02)
+        finally:
+            started = time.monotonic()
+            await launcher.stop()  # the child exits on SIGTERM; its helper does not
+        return launcher.exit_codes, time.monotonic() - started, await all_dead(recorded(pids))
+
+    try:
+        codes, elapsed, dead = asyncio.run(run())
+    finally:
+        kill_survivors(pids)
+    assert codes == [-signal.SIGTERM]
+    assert elapsed < 2  # no need to wait out the grace period for the helper
+    assert dead
+
+
+PARENT = """
+import asyncio, sys
+from pathlib import Path
+from parent.launcher import LocalLauncher
+
+async def main() -> None:
+    code = "import os, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)"
+    command = [sys.executable, "-c", "import sys\\n" + code, sys.argv[1]]
+    await LocalLauncher(Path("unused.json"), command=command).start()
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_crashed_parent_does_not_leave_the_enclave_running(tmp_path: Path) -> None:
+    """``nci parent run`` killed with SIGKILL (or crashing) takes its local enclave along."""
+    child_pid = tmp_path / "child.pid"
+    root = Path(__file__).resolve().parents[2]
+    with subprocess.Popen([sys.executable, "-c", PARENT, str(child_pid)], cwd=root) as parent:
+        try:
+            pid = int(asyncio.run(wait_for(child_pid)))
+            assert alive(pid)
+        finally:
+            parent.kill()
+            parent.wait(5)
+
+    async def gone() -> bool:
+        return await all_dead([pid])
+
+    try:
+        assert asyncio.run(gone())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_child_runs_in_its_own_process_group(tmp_path: Path) -> None:

@@ -24,6 +24,8 @@ from protocol.bhttp import (
     encode_request,
     encode_response,
     encode_varint,
+    pad,
+    padded_size,
 )
 from protocol.errors import MalformedMessage
 
@@ -140,6 +142,40 @@ def test_padding_after_a_full_message_is_accepted() -> None:
     full = H("0140c8") + b"\x00\x00\x00"  # empty headers, content, trailers spelled out
     assert decode_response(full) == Response(200)
     assert decode_response(full + bytes(100)) == Response(200)
+
+
+@pytest.mark.parametrize(
+    ("size", "padded"),
+    [
+        (0, 512),
+        (1, 512),
+        (512, 512),
+        (513, 1024),
+        (65536, 65536),
+        (65537, 131072),
+        (200_000, 262144),
+    ],
+)
+def test_pad_rounds_up_to_the_size_class(size: int, padded: int) -> None:
+    assert padded_size(size) == padded
+    assert pad(b"\x01" * size) == b"\x01" * size + bytes(padded - size)
+    assert padded_size(padded) == padded  # padding twice changes nothing
+
+
+def test_pad_never_exceeds_its_limit() -> None:
+    assert padded_size(600, limit=700) == 700  # the class (1024) is capped at the limit
+    with pytest.raises(MalformedMessage):
+        pad(bytes(701), limit=700)
+
+
+def test_padded_messages_decode_to_the_same_message() -> None:
+    # the enclave pads every answer: the decoders must take the zeros for RFC 9292 §3.8 padding,
+    # whichever sections the shortest encoding truncated
+    responses = [Response(200), Response(200, (("content-type", "application/cbor"),), b"no")]
+    for response in responses:
+        assert decode_response(pad(encode_response(response))) == response
+    request = Request("POST", "https", "", "/v1/infer", (), b"body")
+    assert decode_request(pad(encode_request(request))) == request
 
 
 def test_header_lookup() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from protocol.errors import MalformedMessage
 from protocol.inference import (
     MAX_BODY_SIZE,
     MAX_IMAGE_BYTES,
+    PIECE_BLOCK,
     Image,
     InferenceRequest,
     InferenceResponse,
@@ -30,7 +32,9 @@ from protocol.inference import (
     encode_response_body,
     encode_stream_piece,
     http_request,
+    http_response,
     parse_http_request,
+    parse_http_response,
 )
 from protocol.ohttp import (
     decapsulate_request,
@@ -98,7 +102,49 @@ def test_response_and_pieces_round_trip() -> None:
     assert decode_response_body(encode_response_body(RESPONSE)) == RESPONSE
     for piece in (StreamDelta("Two"), StreamDelta(""), StreamEnd("length", Usage(1, 2))):
         assert decode_stream_piece(encode_stream_piece(piece)) == piece
-    assert cbor2.loads(encode_stream_piece(StreamDelta("x"))) == {"v": 1, "delta": "x"}
+    assert cbor2.loads(encode_stream_piece(StreamDelta("x"))) == {
+        "v": 1,
+        "delta": "x",
+        "pad": bytes(46),  # 12 bytes of piece, 4 of key, 2 of head: 64
+    }
+
+
+def test_unpadded_pieces_are_still_accepted() -> None:
+    assert decode_stream_piece(cbor2.dumps({"v": 1, "delta": "x"})) == StreamDelta("x")
+    end = {"v": 1, "finish_reason": "stop", "usage": {"prompt_tokens": 1, "completion_tokens": 2}}
+    assert decode_stream_piece(cbor2.dumps(end)) == StreamEnd("stop", Usage(1, 2))
+    assert decode_stream_piece(cbor2.dumps({**end, "pad": bytes(9)})) == StreamEnd(
+        "stop", Usage(1, 2)
+    )
+
+
+# --- Length side channels -----------------------------------------------------------------------
+
+
+def test_streamed_token_length_is_hidden_by_piece_padding() -> None:
+    # every token of up to 47 bytes of UTF-8 encodes to the same 64 bytes: the chunk the parent
+    # sees no longer tells "no" from "maybe" from "adenocarcinoma"
+    sizes = {len(encode_stream_piece(StreamDelta("x" * n))) for n in range(48)}
+    assert sizes == {PIECE_BLOCK}
+    for n in range(48, 4 * 1024, 7):
+        encoded = encode_stream_piece(StreamDelta("é" * (n // 2) + "x" * (n % 2)))
+        assert len(encoded) % PIECE_BLOCK == 0
+        assert decode_stream_piece(encoded) == StreamDelta("é" * (n // 2) + "x" * (n % 2))
+    # the end piece too, whatever its counters
+    ends = {StreamEnd("stop", Usage(1, 1)), StreamEnd("length", Usage(2**32, 2**32))}
+    assert {len(encode_stream_piece(end)) for end in ends} == {2 * PIECE_BLOCK}
+
+
+def test_single_answer_length_is_hidden_by_response_padding() -> None:
+    # the reviewer's table: "no" and "yes" (and every short answer) were one byte apart
+    answers = ("yes", "no", "red", "triangle", "x" * 300)
+    messages = [http_response(InferenceResponse(a, "stop", Usage(40, 1))) for a in answers]
+    assert {len(m) for m in messages} == {512}
+    for answer, message in zip(answers, messages, strict=True):
+        assert parse_http_response(message).text == answer  # the zeros are RFC 9292 padding
+    longer = http_response(InferenceResponse("x" * 1000, "stop", Usage(1, 1)))
+    assert len(longer) == 2048
+    assert parse_http_response(longer).text == "x" * 1000
 
 
 def test_http_request_round_trip_and_shape() -> None:
@@ -174,7 +220,42 @@ HOSTILE_BYTES: dict[str, bytes] = {
     "duplicate key": b"\xa2\x61v\x01\x61v\x01",
     "over 16 MiB": encode_request_body(REQUEST) + bytes(MAX_BODY_SIZE),
     "deeply nested": b"\x81" * 100 + b"\x00",
+    "an array of 9 stop sequences": cbor2.dumps(body(params_stop=["a"] * 9)),
 }
+
+
+def _cbor_bomb(count: int, item: bytes) -> bytes:
+    # the reviewer's body: a valid request map plus an "images" array of ``count`` tiny items
+    head = cbor2.dumps({k: v for k, v in body().items() if k != "images"})
+    return (
+        bytes([head[0] + 1])
+        + head[1:]
+        + cbor2.dumps("images")
+        + b"\x9a"
+        + count.to_bytes(4, "big")
+        + item * count
+    )
+
+
+@pytest.mark.parametrize("item", [b"\xa0", b"\x80", b"\x00"], ids=["maps", "arrays", "zeros"])
+def test_rejects_cbor_item_bomb_before_building_it(item: bytes) -> None:
+    data = _cbor_bomb(16_000_000, item)  # 15.3 MiB of one-byte items
+    started = time.perf_counter()
+    with pytest.raises(MalformedMessage, match="more than 8 entries"):
+        decode_request_body(data)
+    assert time.perf_counter() - started < 0.05  # refused at the array header: nothing decoded
+
+
+def test_rejects_request_of_too_many_items_in_small_containers() -> None:
+    # no container is over 8 entries, but the total is capped too: 8 maps of 8 arrays of 8
+    nested = {
+        "v": 1,
+        "prompt": "",
+        "images": [],
+        "params": {f"k{i}": list(range(8)) for i in range(8)},
+    }
+    with pytest.raises(MalformedMessage, match="more than 64 CBOR data items"):
+        decode_request_body(cbor2.dumps(nested))
 
 
 @pytest.mark.parametrize("data", HOSTILE_BYTES.values(), ids=HOSTILE_BYTES.keys())
@@ -207,6 +288,10 @@ HOSTILE_PIECES: dict[str, object] = {
     "version 0": {"v": 0, "delta": "x"},
     "empty map": {},
     "delta over 64 KiB": {"v": 1, "delta": "x" * (64 * 1024 + 1)},
+    "padding with a non-zero byte": {"v": 1, "delta": "x", "pad": b"\x00\x01"},
+    "padding as text": {"v": 1, "delta": "x", "pad": "  "},
+    "padding and an unknown key": {"v": 1, "delta": "x", "pad": b"", "extra": 1},
+    "padding alone": {"v": 1, "pad": bytes(8)},
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -16,6 +17,7 @@ from PIL import Image as PILImage
 
 from enclave.models.images import (
     JPEG_SIGNATURE,
+    MAX_JPEG_SCANS,
     PNG_SIGNATURE,
     declared_size,
     decode_image,
@@ -218,6 +220,84 @@ def test_rejects_decompression_bomb_through_pillows_own_check_too() -> None:
     # a pixel cap set far too high: Pillow's own limit (DecompressionBombError) still refuses
     with pytest.raises(InvalidInput, match="decoder allows"):
         decode_image(HOSTILE["decompression_bomb_png"], max_bytes=10**6, max_pixels=10**12)
+
+
+def _segments(data: bytes) -> list[tuple[int, int, int]]:
+    """``(marker, start, end)`` of every segment (a scan with its entropy-coded data)."""
+    pos, out = 2, []
+    while pos < len(data):
+        code = data[pos + 1]
+        if code == 0xD9:
+            out.append((code, pos, pos + 2))
+            break
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        end = pos + 2 + length
+        if code == 0xDA:
+            while not (
+                data[end] == 0xFF and data[end + 1] != 0 and not 0xD0 <= data[end + 1] <= 0xD7
+            ):
+                end += 1
+        out.append((code, pos, end))
+        pos = end
+    return out
+
+
+def scan_bomb_jpeg(side: int, repeats: int) -> bytes:
+    """The reviewer's file (/tmp/review/jpeg_scans.py): a progressive greyscale JPEG whose last AC
+    refinement scan is repeated ``repeats`` times; each copy is a few bytes, and each makes the
+    decoder pass over the whole image again."""
+    data = encode(PILImage.new("L", (side, side), 128), "JPEG", progressive=True, quality=90)
+    scans = [data[s:e] for code, s, e in _segments(data) if code == 0xDA]
+    last = scans[-1]
+    assert last[5 + 2 * last[4]] > 0  # Ss > 0: an AC scan
+    eoi = data.rfind(b"\xff\xd9")
+    return data[:eoi] + last * repeats + data[eoi:]
+
+
+def test_rejects_progressive_jpeg_scan_bomb() -> None:
+    # 6 scans of its own + 1000 copies: 32 KiB that cost 7 s to decode at 2048x2048
+    bomb = Image("image/jpeg", scan_bomb_jpeg(512, 1000))
+    started = time.perf_counter()
+    with pytest.raises(InvalidInput, match=f"more than {MAX_JPEG_SCANS} scans"):
+        decode_image(bomb, max_bytes=4 << 20, max_pixels=4096 * 4096)
+    assert time.perf_counter() - started < 0.05  # refused before Pillow decodes anything
+    # up to the cap, repeated scans are still a (slow, but bounded) valid file
+    within = Image("image/jpeg", scan_bomb_jpeg(64, MAX_JPEG_SCANS - 6))
+    assert decode_image(within, **CAPS).size == (64, 64)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_decodes_progressive_jpeg(mode: str) -> None:
+    data = encode(rgb(64, 48).convert(mode), "JPEG", progressive=True)
+    assert 1 < data.count(b"\xff\xda") <= MAX_JPEG_SCANS
+    assert decode_image(Image("image/jpeg", data), **CAPS).size == (64, 48)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [0xC3, 0xC5, 0xC9, 0xCA, 0xCB, 0xCD],
+    ids=[
+        "lossless",
+        "hierarchical",
+        "arithmetic",
+        "arithmetic_progressive",
+        "arithmetic_lossless",
+        "arithmetic_hierarchical",
+    ],
+)
+def test_rejects_jpeg_coding_other_than_huffman_sof0_to_sof2(frame: int) -> None:
+    data = bytearray(encode(rgb(16, 16), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 1] = frame
+    with pytest.raises(InvalidInput, match="Huffman-coded"):
+        decode_image(raw("image/jpeg", bytes(data)), **CAPS)
+
+
+def test_rejects_jpeg_arithmetic_conditioning_table() -> None:
+    data = encode(rgb(16, 16), "JPEG")
+    dac = b"\xff\xcc\x00\x04\x00\x11"
+    with pytest.raises(InvalidInput, match="Huffman-coded"):
+        decode_image(raw("image/jpeg", data[:2] + dac + data[2:]), **CAPS)
 
 
 def test_errors_never_quote_image_bytes() -> None:

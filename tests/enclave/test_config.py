@@ -1,0 +1,57 @@
+"""The enclave configuration's rules that bind one key to another (the per-key table of malformed
+values lives with the boot tests, tests/enclave/test_boot.py)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from enclave.config import InvalidConfig, parse_config
+
+ARN = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+
+
+def aws_config(**changes: Any) -> bytes:
+    value: dict[str, Any] = {
+        "control": "vsock://ANY:5000",
+        "bundle_streamer": "vsock://3:5001",
+        "kms_relay": "vsock://3:5002",
+        "kms_endpoint": "https://kms.us-east-1.amazonaws.com:{port}",
+        "region": "us-east-1",
+        "bundle": "anymal-shapes",
+        "model_id": "anymal-shapes",
+        "kms_key_arn": ARN,
+        "manifest_sha256": None,
+        "nsm": "device",
+        "max_concurrency": 2,
+        "threads": 2,
+    }
+    value.update(changes)
+    return json.dumps(value).encode()
+
+
+def test_accepts_https_kms_endpoint_with_the_real_nsm() -> None:
+    config = parse_config(aws_config())
+    assert config.kms_endpoint_url(8443) == "https://kms.us-east-1.amazonaws.com:8443"
+    assert config.emulated_nsm_state is None
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["http://kms.us-east-1.amazonaws.com:{port}", "http://127.0.0.1:{port}"]
+)
+def test_rejects_plain_http_kms_endpoint_with_the_real_nsm(endpoint: str) -> None:
+    # over http the parent, which carries the bytes, could answer Decrypt itself: a data key of
+    # its choosing wrapped to the enclave's RSA key, so the enclave would "unlock" its weights
+    with pytest.raises(InvalidConfig) as caught:
+        parse_config(aws_config(kms_endpoint=endpoint))
+    assert caught.value.key == "kms_endpoint"
+    assert "https" in str(caught.value)
+
+
+def test_plain_http_stays_allowed_for_the_local_kms_with_the_emulated_nsm() -> None:
+    config = parse_config(
+        aws_config(kms_endpoint="http://127.0.0.1:{port}", nsm="emulated:/tmp/nci-state")
+    )
+    assert config.kms_endpoint_url(4242) == "http://127.0.0.1:4242"
