@@ -50,7 +50,7 @@ from enclave.errors import (
 )
 from enclave.keyrelease import KeyRelease, kms_client_config
 from enclave.kmsforward import KmsForwarder
-from enclave.server import BOOT_STEPS, EnclaveServer, OhttpKey, Ready, Runtime
+from enclave.server import BOOT_STEPS, EchoRuntime, EnclaveServer, OhttpKey, Ready, Runtime
 from enclave.unlock import BundleLoadError, UnlockedModel, Unlocker
 from protocol.control import Credentials
 from protocol.errors import BundleIntegrityError, FrameError, MalformedBundle, TransportError
@@ -161,6 +161,8 @@ class Boot:
         self._server = server
         self._kms_endpoint = kms_endpoint
         self._nsm = nsm
+        if load_runtime is None and config.runtime == "echo":
+            load_runtime = _echo_loader(config.echo_delay)
         self._load_runtime: RuntimeLoader = load_runtime or _load_runtime
         self._attempts = attempts
         self._backoff = backoff
@@ -280,6 +282,16 @@ class Boot:
         model = unlocker.load(self._config.bundle)
         log.info("unlocked %d tensors in %.1f s", len(model.tensors), time.monotonic() - started)
         return model
+
+
+def _echo_loader(delay: float) -> RuntimeLoader:
+    """``"runtime": "echo"``: the bundle is still unlocked (the boot is the same), but requests
+    are answered by :class:`EchoRuntime`, so a benchmark measures the path without the model."""
+
+    def load(model: UnlockedModel, *, threads: int | None = None) -> Runtime:
+        return EchoRuntime(delay=delay)
+
+    return load
 
 
 def _retryable(exc: Exception) -> bool:

@@ -23,10 +23,14 @@ change it; locally it sits in the state folder. Keys::
     threads          CPU threads of the model runtime (1..256), or null for its default
     exit_on_failure  optional, default false: exit with status 1 when boot fails, instead of
                      staying up and answering health with state "failed"
+    runtime          optional, default "model": serve the unlocked model; "echo" serves an
+                     echo of the prompt instead (after the same boot), to measure the request
+                     path's own cost; being in the measured configuration, it is attested
+    echo_delay       optional, default 0: seconds per echoed piece (0..10), with "echo"
 
-Every key but ``exit_on_failure`` is required; an unknown key, a duplicate key, a value of the
-wrong type or an unparseable address is an :class:`InvalidConfig` naming the key. The file is at
-most 64 KiB.
+Every key but ``exit_on_failure``, ``runtime`` and ``echo_delay`` is required; an unknown key, a
+duplicate key, a value of the wrong type or an unparseable address is an :class:`InvalidConfig`
+naming the key. The file is at most 64 KiB.
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ _REQUIRED: Final = frozenset(
         "threads",
     }
 )
-_OPTIONAL: Final = frozenset({"exit_on_failure"})
+_OPTIONAL: Final = frozenset({"exit_on_failure", "runtime", "echo_delay"})
+RUNTIMES: Final = ("model", "echo")
 
 _REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]{1,2}", re.ASCII)
 _BUNDLE = re.compile(r"[\x21-\x7e]{1,256}", re.ASCII)  # as BUNDLE_REQUEST allows
@@ -104,6 +109,8 @@ class EnclaveConfig:
     max_concurrency: int
     threads: int | None
     exit_on_failure: bool = False
+    runtime: str = "model"  # one of RUNTIMES
+    echo_delay: float = 0.0
 
     @property
     def emulated_nsm_state(self) -> Path | None:
@@ -183,7 +190,25 @@ def parse_config(data: bytes) -> EnclaveConfig:
         max_concurrency=_int(value, "max_concurrency", 1, MAX_CONCURRENCY),
         threads=None if value["threads"] is None else _int(value, "threads", 1, MAX_THREADS),
         exit_on_failure=_bool(value, "exit_on_failure", default=False),
+        runtime=_runtime(value),
+        echo_delay=_echo_delay(value),
     )
+
+
+def _runtime(value: dict[str, object]) -> str:
+    item = value.get("runtime", "model")
+    if type(item) is not str or item not in RUNTIMES:
+        raise InvalidConfig("runtime", f"must be one of {', '.join(RUNTIMES)}")
+    return item
+
+
+def _echo_delay(value: dict[str, object]) -> float:
+    item = value.get("echo_delay", 0)
+    if type(item) not in (int, float) or not 0 <= item <= 10:  # type: ignore[operator]
+        raise InvalidConfig("echo_delay", "must be a number of seconds in 0..10")
+    if value.get("runtime", "model") != "echo" and item:
+        raise InvalidConfig("echo_delay", 'applies only to "runtime": "echo"')
+    return float(item)  # type: ignore[arg-type]
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:

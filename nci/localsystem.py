@@ -138,7 +138,8 @@ class LocalSystem:
 
     ``state_dir`` holds the emulator's CA (kept between runs). ``boot_timeout`` bounds the wait
     for the enclave's ``ready``; ``max_concurrency`` and ``threads`` go to the enclave's
-    configuration, ``verbose`` to the parent (``nci -v``) and the enclave (INFO logs).
+    configuration, ``verbose`` to the parent (``nci -v``) and the enclave (INFO logs); ``runtime``
+    ``"echo"`` (with ``echo_delay`` seconds per piece) serves an echo instead of the model.
     """
 
     def __init__(
@@ -150,6 +151,8 @@ class LocalSystem:
         max_concurrency: int = 16,
         threads: int | None = 1,
         verbose: bool = True,
+        runtime: str = "model",
+        echo_delay: float = 0.0,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.boot_timeout = boot_timeout
@@ -157,6 +160,8 @@ class LocalSystem:
         self.max_concurrency = max_concurrency
         self.threads = threads
         self.verbose = verbose
+        self.runtime = runtime
+        self.echo_delay = echo_delay
         self.root = Path(tempfile.mkdtemp(prefix="nci-"))  # short: unix socket paths ≤ 107 bytes
         self.parent_log = self.root / "parent.log"
         self.parent_out = self.root / "parent.out"
@@ -335,6 +340,8 @@ class LocalSystem:
             "max_concurrency": self.max_concurrency,
             "threads": self.threads,
         }
+        if self.runtime != "model":
+            enclave.update(runtime=self.runtime, echo_delay=self.echo_delay)
         self.enclave_config.write_text(json.dumps(enclave, indent=2) + "\n")
         kms_port = self._kms().endpoint_url.rsplit(":", 1)[1]
         self.parent_config.write_text(

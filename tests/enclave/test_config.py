@@ -55,3 +55,30 @@ def test_plain_http_stays_allowed_for_the_local_kms_with_the_emulated_nsm() -> N
         aws_config(kms_endpoint="http://127.0.0.1:{port}", nsm="emulated:/tmp/nci-state")
     )
     assert config.kms_endpoint_url(4242) == "http://127.0.0.1:4242"
+
+
+def test_runtime_defaults_to_the_model() -> None:
+    config = parse_config(aws_config())
+    assert (config.runtime, config.echo_delay) == ("model", 0.0)
+
+
+def test_echo_runtime_with_a_delay_is_accepted() -> None:
+    config = parse_config(aws_config(runtime="echo", echo_delay=0.01))
+    assert (config.runtime, config.echo_delay) == ("echo", 0.01)
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"runtime": "shell"}, "runtime"),
+        ({"runtime": 1}, "runtime"),
+        ({"runtime": "echo", "echo_delay": -1}, "echo_delay"),
+        ({"runtime": "echo", "echo_delay": 11}, "echo_delay"),
+        ({"runtime": "echo", "echo_delay": True}, "echo_delay"),
+        ({"echo_delay": 0.5}, "echo_delay"),  # a delay without the echo runtime is a mistake
+    ],
+)
+def test_rejects_a_bad_runtime_choice(changes: dict[str, Any], key: str) -> None:
+    with pytest.raises(InvalidConfig) as info:
+        parse_config(aws_config(**changes))
+    assert info.value.key == key
