@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from benchmarks import attestation_verify, hop, model, unlock
+from benchmarks import attestation_verify, hop, load, model, unlock
 
 
 def main() -> int:
@@ -14,6 +14,8 @@ def main() -> int:
         "unlock": unlock.run(size_mb=256, rounds=3),
         "hop": hop.run(round_trips=2000, bulk_mb=64, repeats=3),
         "model": model.run(samples=200, rounds=3),
+        # 4 consumers x 5 s per way, model then echo: two local systems boot (~15 s each)
+        "load": load.run(consumers=4, seconds=5, progress=load.progress_to_stderr),
     }
     if "--json" in sys.argv[1:]:
         print(json.dumps(results, indent=2))

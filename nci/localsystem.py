@@ -20,6 +20,8 @@ What runs where (``T`` is a short temporary folder: unix socket paths are limite
     subprocess          nci parent run --config T/parent.yaml: bridge, KMS relay, bundle streamer
                         (S3 source), credentials forwarder (env), local launcher
     its subprocess      python -m enclave --config T/enclave.json, emulated NSM on the state folder
+                        (``launcher=False``: a subprocess of this process, so that the parent
+                        can be restarted under a living enclave, :meth:`restart_parent`)
 
 The steps, each a method so that the demo can narrate them (:meth:`start` runs them all):
 :meth:`start_kms`, :meth:`provision` (the provider's key bound to the emulated enclave's
@@ -51,7 +53,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -68,6 +70,7 @@ from kms_policy.check import PolicyReport
 from kms_policy.localkms import LocalKms, LocalKmsConfig
 from kms_policy.model import KeyPolicy
 from nci.tap import Tap
+from parent.launcher import LocalLauncher
 from protocol.bundle import Manifest
 from protocol.errors import TransportError
 from protocol.transport import Address, parse_address
@@ -140,6 +143,12 @@ class LocalSystem:
     for the enclave's ``ready``; ``max_concurrency`` and ``threads`` go to the enclave's
     configuration, ``verbose`` to the parent (``nci -v``) and the enclave (INFO logs); ``runtime``
     ``"echo"`` (with ``echo_delay`` seconds per piece) serves an echo instead of the model.
+
+    ``limits`` adds to the bridge's limits in the parent's configuration (the field names of
+    ``parent.bridge.BridgeLimits``: ``client_read_timeout``, ``body_timeout``…).
+    ``launcher=False`` starts the enclave from this process instead of the parent's launcher (the
+    same :class:`parent.launcher.LocalLauncher`, restarting it when it exits, hosted on the taps'
+    event loop), so that :meth:`restart_parent` can stop the parent while the enclave lives.
     """
 
     def __init__(
@@ -153,6 +162,8 @@ class LocalSystem:
         verbose: bool = True,
         runtime: str = "model",
         echo_delay: float = 0.0,
+        launcher: bool = True,
+        limits: Mapping[str, int | float] | None = None,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.boot_timeout = boot_timeout
@@ -162,6 +173,8 @@ class LocalSystem:
         self.verbose = verbose
         self.runtime = runtime
         self.echo_delay = echo_delay
+        self.launcher = launcher
+        self.limits = {**(limits or {}), "max_concurrency": max_concurrency}
         self.root = Path(tempfile.mkdtemp(prefix="nci-"))  # short: unix socket paths ≤ 107 bytes
         self.parent_log = self.root / "parent.log"
         self.parent_out = self.root / "parent.out"
@@ -189,6 +202,8 @@ class LocalSystem:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self._env: dict[str, str] = {}
+        self._enclave_launcher: LocalLauncher | None = None  # launcher=False: ours
         self._seen_pids: set[int] = set()
         self._closed = False
         self._control_open = False
@@ -302,7 +317,8 @@ class LocalSystem:
 
     def start_parent(self) -> None:
         """Write both configurations, put a tap on every connection that crosses the parent,
-        start ``nci parent run`` (which launches the enclave)."""
+        start ``nci parent run`` (which launches the enclave; with ``launcher=False`` this
+        process launches it)."""
         manifest = self._manifest()
         sock = str(self.root)
         self._start_loop()
@@ -356,10 +372,14 @@ class LocalSystem:
             f"  endpoint_url: '{self._kms().endpoint_url}'\n"
             f"  sources: {{{BUNDLE}: {{s3: '{self.s3_url}'}}}}\n"
             "credentials: {source: env}\n"
-            f"limits: {{max_concurrency: {self.max_concurrency}}}\n"
-            f"launcher: {{local: {{enclave_config: '{self.enclave_config}', grace: 10, "
-            f"backoff_max: 2, log: '{self.enclave_log}', "
-            f"verbose: {'true' if self.verbose else 'false'}}}}}\n"
+            f"limits: {json.dumps(self.limits)}\n"  # YAML's flow mapping is a JSON superset
+            + (
+                f"launcher: {{local: {{enclave_config: '{self.enclave_config}', grace: 10, "
+                f"backoff_max: 2, log: '{self.enclave_log}', "
+                f"verbose: {'true' if self.verbose else 'false'}}}}}\n"
+                if self.launcher
+                else ""
+            )
         )
         env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
         env.update(
@@ -372,17 +392,58 @@ class LocalSystem:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        self._env = env
+        self.enclave_log.touch(mode=0o600)
+        self._spawn_parent(append=False)
+        if not self.launcher:
+            self._start_enclave()
+
+    def _spawn_parent(self, *, append: bool) -> None:
         command = [sys.executable, "-m", "nci"]
         command += ["-v"] if self.verbose else []
         command += ["parent", "run", "--config", str(self.parent_config)]
-        self.enclave_log.touch(mode=0o600)
+        mode = "ab" if append else "wb"
         with (
-            open(self.parent_log, "wb") as stderr,
-            open(self.parent_out, "wb") as stdout,
+            open(self.parent_log, mode) as stderr,
+            open(self.parent_out, mode) as stdout,
         ):
             self._process = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
-                command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env
+                command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=self._env
             )
+
+    def _start_enclave(self) -> None:
+        """``launcher=False``: the parent's local launcher, run here. The enclave's environment is
+        this process's without ``AWS_*`` (as under ``nci parent run``, whose environment holds
+        the parent role's credentials only)."""
+        unset = [f"--unset={name}" for name in os.environ if name.startswith("AWS_")]
+        command = ["env", *unset, sys.executable, "-m", "enclave"]
+        command += ["-v"] if self.verbose else []
+        command += ["--config", str(self.enclave_config)]
+        launcher = LocalLauncher(
+            self.enclave_config, command=command, grace=10, backoff_max=2, log=self.enclave_log
+        )
+        self.run(launcher.start())
+        self._enclave_launcher = launcher
+
+    def restart_parent(self, *, sig: signal.Signals = signal.SIGKILL) -> int:
+        """Stop ``nci parent run`` with ``sig`` (SIGKILL: a crash; SIGTERM: an orderly stop),
+        start it again on the same configuration, and return the new process's id; then
+        :meth:`wait_ready` waits for its link to the enclave. With ``launcher=False`` the enclave
+        lives on; with the parent's launcher it goes down with the parent (on SIGKILL, through
+        its parent-death signal) and the new parent launches a new one."""
+        process = self._parent()
+        if self.launcher:
+            self._seen_pids.update(_descendants(process.pid))
+            self._close_control()  # reopened by wait_ready once the new enclave listens
+        if process.poll() is None:
+            process.send_signal(sig)
+            try:
+                process.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+        self._spawn_parent(append=True)
+        return self.parent_pid
 
     def wait_ready(self, timeout: float | None = None, *, restarted: bool = False) -> int:
         """Poll ``/healthz`` until the enclave is ready (after a restart: ready again, once it was
@@ -447,11 +508,21 @@ class LocalSystem:
         return self._parent().pid
 
     def processes(self) -> list[int]:
-        """Every living descendant of the parent process (the enclave, and whatever it started)."""
+        """Every living descendant of the parent process (the enclave, and whatever it started);
+        with ``launcher=False``, the enclave and its descendants instead."""
+        if self._enclave_launcher is not None:
+            pid = self._enclave_launcher.pid
+            return [] if pid is None else sorted([pid, *_descendants(pid)])
         return _descendants(self.parent_pid)
 
     def enclave_pid(self) -> int:
         """The enclave process the launcher runs now."""
+        if self._enclave_launcher is not None:
+            pid = self._enclave_launcher.pid
+            if pid is None:
+                raise LocalSystemError("the enclave is not running (its launcher restarts it)")
+            self._seen_pids.add(pid)
+            return pid
         children = _children(self.parent_pid)
         if len(children) != 1:
             raise LocalSystemError(f"the parent has {len(children)} child processes, not 1")
@@ -471,18 +542,27 @@ class LocalSystem:
         return pid
 
     def close(self) -> None:
-        """SIGTERM to the parent (its launcher stops the enclave), SIGKILL after
-        ``stop_timeout``; then kill and record in :attr:`leftovers` any process of the system
-        still alive; stop the taps and the KMS; remove the temporary folder. Idempotent."""
+        """SIGTERM to the parent (its launcher stops the enclave; with ``launcher=False`` this
+        process's launcher stops it), SIGKILL after ``stop_timeout``; then kill and record in
+        :attr:`leftovers` any process of the system still alive; stop the taps and the KMS;
+        remove the temporary folder. Idempotent."""
         if self._closed:
             return
         self._closed = True
         try:
             process = self._process
             if process is not None:
-                if process.poll() is None:
+                running = process.poll() is None
+                if running:
                     self._seen_pids.update(_descendants(process.pid))
                     process.send_signal(signal.SIGTERM)
+                launcher, self._enclave_launcher = self._enclave_launcher, None
+                if launcher is not None:  # meanwhile: SIGTERM to the enclave, SIGKILL after grace
+                    pid = launcher.pid
+                    if pid is not None:
+                        self._seen_pids.update([pid, *_descendants(pid)])
+                    self.run(launcher.stop(), timeout=self.stop_timeout + 15)
+                if running:
                     try:
                         process.wait(self.stop_timeout)
                     except subprocess.TimeoutExpired:
