@@ -41,7 +41,11 @@ from protocol.inference import Image
 
 __all__ = [
     "JPEG_SIGNATURE",
+    "MAX_JPEG_FILL",
+    "MAX_JPEG_MARKERS",
     "MAX_JPEG_SCANS",
+    "MAX_PNG_CHUNKS",
+    "MAX_PNG_IDAT",
     "PNG_SIGNATURE",
     "declared_size",
     "decode_image",
@@ -59,6 +63,14 @@ _SOI: Final = 0xD8
 _EOI: Final = 0xD9
 _PNG_MAX_SIDE: Final = 2**31 - 1  # PNG §11.2.2
 MAX_JPEG_SCANS: Final = 32  # baseline has 1 scan per file, libjpeg's progressive script 10
+# Pillow reads every marker, fill byte and PNG chunk outside the compressed data in Python
+# (~10 µs each): 4 MiB of empty APP0 segments, of 0xFF fill bytes or of empty PNG chunks took 7 to
+# 12 s to decode into an 8×8 image. Real files have tens of markers (at most 255 ICC segments),
+# no fill bytes to speak of, and a few ancillary chunks besides their IDATs.
+MAX_JPEG_MARKERS: Final = 1024  # outside the entropy-coded data, EOI included
+MAX_JPEG_FILL: Final = 1024  # 0xFF fill bytes before markers, in all (T.81 §B.1.1.2)
+MAX_PNG_CHUNKS: Final = 1024  # chunks other than IDAT
+MAX_PNG_IDAT: Final = 65536  # IDAT chunks (encoders write one per 8 KiB or 64 KiB; some per row)
 # SOF0 baseline, SOF1 extended sequential, SOF2 progressive, all Huffman-coded (T.81 Table B.1);
 # the other frame types, DAC (arithmetic conditioning) and DHP/EXP (hierarchical) are refused.
 _HUFFMAN_SOF: Final = frozenset({0xC0, 0xC1, 0xC2})
@@ -66,6 +78,7 @@ _REFUSED: Final = (_SOF - _HUFFMAN_SOF) | {0xCC, 0xDE, 0xDF}
 # The end of entropy-coded data: a 0xFF (after any fill 0xFFs) that is neither a stuffed 0xFF00
 # nor a restart marker RSTn (T.81 §B.1.1.5, §F.1.2.3).
 _SCAN_END: Final = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+_FILL: Final = re.compile(rb"\xff*")  # a marker's 0xFF and its fill bytes, matched in C
 
 
 def declared_size(data: bytes, media_type: str) -> tuple[int, int]:
@@ -122,16 +135,29 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
         pos += length
 
 
+def _skip_fill(data: bytes, pos: int) -> int:
+    """The position after the 0xFF bytes at ``pos`` (a marker's own and its fill bytes)."""
+    match = _FILL.match(data, pos)
+    return pos if match is None else match.end()
+
+
 def _check_jpeg_segments(data: bytes) -> None:
     """Walk every marker segment of ``data`` (untrusted) up to EOI, decoding nothing: only
-    Huffman-coded SOF0..SOF2 frames, at most :data:`MAX_JPEG_SCANS` scans, nothing between
-    segments, and an EOI at the end (T.81 §B.2)."""
-    pos, scans, end = 2, 0, len(data)
+    Huffman-coded SOF0..SOF2 frames, at most :data:`MAX_JPEG_SCANS` scans, :data:`MAX_JPEG_MARKERS`
+    markers and :data:`MAX_JPEG_FILL` fill bytes, nothing between segments, and an EOI at the end
+    (T.81 §B.2)."""
+    pos, scans, markers, fill, end = 2, 0, 0, 0, len(data)
     while True:
         if pos >= end or data[pos] != 0xFF:
             raise InvalidInput("JPEG has bytes outside its segments, or ends before EOI")
-        while pos < end and data[pos] == 0xFF:
-            pos += 1
+        run, pos = pos, _skip_fill(data, pos)
+        fill += pos - run - 1
+        markers += 1
+        if markers > MAX_JPEG_MARKERS or fill > MAX_JPEG_FILL:
+            raise InvalidInput(
+                f"JPEG has more than {MAX_JPEG_MARKERS} markers or {MAX_JPEG_FILL} fill bytes "
+                "outside its scan data"
+            )
         if pos >= end:
             raise InvalidInput("JPEG ends before EOI")
         code = data[pos]
@@ -164,6 +190,27 @@ def _check_jpeg_segments(data: bytes) -> None:
             pos = marker.end() - 2
 
 
+def _check_png_chunks(data: bytes) -> None:
+    """Count the chunks of ``data`` (untrusted) up to IEND from their headers (PNG §5.3), decoding
+    nothing: at most :data:`MAX_PNG_CHUNKS` besides IDAT and :data:`MAX_PNG_IDAT` IDAT chunks.
+    A truncated or garbled chunk stream is left to Pillow, which refuses it."""
+    pos, chunks, idat, end = 8, 0, 0, len(data)
+    while pos + 8 <= end:
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind == b"IEND":
+            return
+        if kind == b"IDAT":
+            idat += 1
+        else:
+            chunks += 1
+        if chunks > MAX_PNG_CHUNKS or idat > MAX_PNG_IDAT:
+            raise InvalidInput(
+                f"PNG has more than {MAX_PNG_CHUNKS} chunks besides IDAT, or {MAX_PNG_IDAT} IDAT "
+                "chunks"
+            )
+        pos += 12 + length
+
+
 def decode_image(image: Image, *, max_bytes: int, max_pixels: int) -> PILImage.Image:
     """Decode ``image`` (from a consumer: untrusted) into a loaded 8-bit RGB Pillow image."""
     data = image.data
@@ -179,12 +226,15 @@ def decode_image(image: Image, *, max_bytes: int, max_pixels: int) -> PILImage.I
     pil_format, signature = _FORMATS[image.media_type]
     if not data.startswith(signature):
         raise InvalidInput(f"image does not start with the {pil_format} signature")
-    # (2) the declared size against the pixel cap, before any decoder sees the bytes
+    # (2) the structure (markers, chunks, scans; the JPEG walk first, as it bounds the walk of
+    # the size's), then the declared size against the pixel cap, before any decoder sees the bytes
+    if image.media_type == "image/jpeg":
+        _check_jpeg_segments(data)
+    else:
+        _check_png_chunks(data)
     width, height = declared_size(data, image.media_type)
     if width * height > max_pixels:
         raise InvalidInput(f"image is {width}×{height} pixels; the maximum is {max_pixels} pixels")
-    if image.media_type == "image/jpeg":
-        _check_jpeg_segments(data)
     # (3) Pillow reads the header lazily (no pixels yet); (4) then decodes and converts
     try:
         opened = PILImage.open(io.BytesIO(data), formats=[pil_format])
