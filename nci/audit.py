@@ -1,7 +1,8 @@
 """``nci audit …``: the auditor's commands.
 
 ``nci audit verify DOC`` checks one attestation document and prints each step; ``nci audit policy``
-lints a KMS key policy. Exit status: 0 valid (no error finding), 1 rejected, 2 usage or I/O error.
+lints a KMS key policy; ``nci audit eif FILE`` prints the PCRs of an enclave image. Exit status:
+0 valid (no error finding), 1 rejected (or a malformed image), 2 usage or I/O error.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TextIO
 from botocore.exceptions import BotoCoreError, ClientError
 
 from attestation.document import MAX_DOCUMENT_SIZE
+from attestation.eif import EifError, read_eif
 from attestation.errors import ConfigError, MeasurementNotPinned
 from attestation.expectations import load_expectations, parse_pcr_option
 from attestation.policy import (
@@ -113,6 +115,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_policy_command)
 
+    e = commands.add_parser(
+        "eif",
+        help="print the PCRs of an enclave image file, as nitro-cli's Measurements",
+        description="Read an EIF strictly and print PCR0, PCR1, PCR2 (and PCR8 if signed) in the "
+        "shape of nitro-cli build-enclave's Measurements, which --expect accepts.",
+    )
+    e.add_argument("file", metavar="FILE", type=Path, help="enclave image file (.eif)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(handler=_eif_command)
+
 
 def _verify_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
@@ -159,6 +171,29 @@ def _policy_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     else:
         out.write(report.summary() + "\n")
     return EXIT_VALID if report.ok else EXIT_REJECTED
+
+
+def _eif_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    path: Path = args.file
+    try:
+        with path.open("rb") as fh:
+            image = read_eif(fh)
+    except OSError as exc:
+        print(f"nci audit eif: cannot read {path}: {exc.strerror or exc}", file=err)
+        return EXIT_USAGE
+    except EifError as exc:
+        print(f"nci audit eif: {path} is not a valid EIF: {exc}", file=err)
+        return EXIT_REJECTED
+    measurements: dict[str, str] = {"HashAlgorithm": "Sha384 { ... }"}
+    for index, value in sorted(image.pcrs.items()):
+        measurements[f"PCR{index}"] = value.hex()
+    if args.json:
+        json.dump(measurements, out, indent=2)
+        out.write("\n")
+    else:
+        for key, text in measurements.items():
+            out.write(f"{key}: {json.dumps(text)}\n")
+    return EXIT_VALID
 
 
 def _policy_text(args: argparse.Namespace) -> str:
