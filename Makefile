@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo lint bench clean setup
+.PHONY: test demo lint bench clean setup eif
 
 setup: $(STAMP)
 
@@ -32,6 +32,16 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
+
+# The enclave image file, on a Nitro-enabled EC2 instance with docker and the AWS Nitro Enclaves
+# CLI (docs/deploy-aws.md). Prints the measurements that the key policy and consumers pin.
+eif:
+	@command -v nitro-cli >/dev/null 2>&1 || { echo "make eif: nitro-cli is not installed here; build the EIF on a Nitro-enabled EC2 instance (docs/deploy-aws.md, step 2)" >&2; exit 1; }
+	@command -v docker >/dev/null 2>&1 || { echo "make eif: docker is not installed here" >&2; exit 1; }
+	mkdir -p build
+	docker build -f enclave/Dockerfile -t nci-enclave:latest .
+	nitro-cli build-enclave --docker-uri nci-enclave:latest --output-file build/enclave.eif > build/measurements.json
+	cat build/measurements.json
 
 clean:
 	rm -rf $(VENV) .nci build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
