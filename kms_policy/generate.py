@@ -19,14 +19,21 @@ The statements, and why:
 ``EnclaveDecryptsWithAttestation``
     The parent's role gets ``kms:Decrypt`` only, with ``StringEqualsIgnoreCase`` on ImageSha384 and
     every pinned PCR (never ``…IfExists``), and the encryption-context pins. The enclave and the
-    parent share this role, so the attestation conditions are what keeps the parent out.
+    parent share this role, so the attestation conditions are what keeps the parent out. During a
+    rollout (several measurement sets), each image gets its own Allow, ``…Attestation2`` and on:
+    one condition listing the values of both images would let PCRs of one image pass with PCR8 of
+    the other.
 ``DenyDecryptWithoutAttestation``
     Deny ``kms:Decrypt`` to everyone when ``Null`` says ImageSha384 is absent: no attestation
     document, no data key, whatever else is ever added to this policy or to IAM.
 ``DenyDecryptOtherImage``, ``DenyDecryptOtherPCR<n>``
     One Deny per pinned key: ``kms:Decrypt`` for another measurement. Keys are AND-ed inside one
     condition, so "any key differs" takes one statement per key. Redundant with the Allow today;
-    it keeps a later, looser Allow from releasing the key to another image.
+    it keeps a later, looser Allow from releasing the key to another image. With several images
+    the Deny lists each image's value (a negated operator is true when the value matches none of
+    them): a per-key Deny cannot forbid mixing PCR1 of one image with PCR2 of another, and need
+    not, since ImageSha384 (PCR0) measures everything PCR1 and PCR2 do and the Allows pin whole
+    sets (IAM User Guide, "Condition operators", multiple values with a negated operator).
 ``DenyReEncrypt``
     ``kms:ReEncrypt*`` takes no ``Recipient``: ReEncryptFrom would move the data key under a key
     the caller controls, ReEncryptTo would plant a chosen one. Denied to everyone, unconditionally.
@@ -119,7 +126,7 @@ _IAM_ARN = re.compile(rf"arn:aws(?:-cn|-us-gov)?:iam::\d{{12}}:(role|user)/(?:{_
 
 def generate(
     *,
-    measurements: Mapping[int, bytes],
+    measurements: Mapping[int, bytes] | Sequence[Mapping[int, bytes]],
     role_arn: str,
     provider_arn: str,
     admin_arns: Sequence[str],
@@ -127,12 +134,13 @@ def generate(
 ) -> KeyPolicy:
     """The key policy for the weights' KMS key (see the module docstring for each statement).
 
-    ``measurements`` are the released image's PCRs (PCR0 required; 1, 2, 3, 4, 8 optional);
+    ``measurements`` are the released image's PCRs (PCR0 required; 1, 2, 3, 4, 8 optional), or
+    during a rollout a list of such sets, one per image, each pinning the same PCRs;
     ``role_arn`` is the parent instance's role (shared with the enclave); ``provider_arn`` seals;
     ``admin_arns`` manage the key. Raises :class:`ConfigError` on any unfit input.
     """
-    # (1) inputs: measurements of a production image, distinct IAM principals
-    pins = _measurement_pins(measurements)
+    # (1) inputs: measurements of production images, distinct IAM principals
+    images = _images(measurements)
     role = _iam_arn(role_arn, "role_arn", kinds=("role",))
     provider = _iam_arn(provider_arn, "provider_arn", kinds=("role", "user"))
     if isinstance(admin_arns, str) or not admin_arns:
@@ -146,23 +154,29 @@ def generate(
         raise ConfigError("the enclave's role may not be the provider (it could forge bundles)")
     context_pins = _context_pins(encryption_context)
 
-    # (2) statements: allows first, then the denies that make them the only way in
-    decrypt_condition: dict[str, dict[str, tuple[str, ...]]] = {"StringEqualsIgnoreCase": pins}
+    # (2) statements: allows first (one per image), then the denies that make them the only way in
     provider_condition: dict[str, dict[str, tuple[str, ...]]] = {}
     if context_pins:
-        decrypt_condition["StringEquals"] = context_pins
         provider_condition["StringEquals"] = context_pins
     statements = [
         _allow("KeyAdministration", admins, ADMIN_ACTIONS),
         _allow("ProviderSealsWeights", (provider,), PROVIDER_ACTIONS, provider_condition),
-        _allow("EnclaveDecryptsWithAttestation", (role,), ("kms:Decrypt",), decrypt_condition),
+    ]
+    for number, pins in enumerate(images, 1):
+        decrypt_condition: dict[str, dict[str, tuple[str, ...]]] = {"StringEqualsIgnoreCase": pins}
+        if context_pins:
+            decrypt_condition["StringEquals"] = context_pins
+        sid = "EnclaveDecryptsWithAttestation" + (str(number) if number > 1 else "")
+        statements.append(_allow(sid, (role,), ("kms:Decrypt",), decrypt_condition))
+    statements.append(
         _deny(
             "DenyDecryptWithoutAttestation", ("kms:Decrypt",), {"Null": {IMAGE_SHA384: ("true",)}}
-        ),
-    ]
-    for key, value in pins.items():
+        )
+    )
+    for key in images[0]:
         name = "Image" if key == IMAGE_SHA384 else key.rsplit(":", 1)[1]
-        mismatch = {"StringNotEqualsIgnoreCase": {key: value}}
+        values = tuple(value for pins in images for value in pins[key])
+        mismatch = {"StringNotEqualsIgnoreCase": {key: values}}
         statements.append(_deny(f"DenyDecryptOther{name}", ("kms:Decrypt",), mismatch))
     not_provider = {"ArnNotEquals": {"aws:PrincipalArn": (provider,)}}
     statements += [
@@ -214,9 +228,31 @@ def _deny(sid: str, actions: tuple[str, ...], condition: Condition | None = None
     )
 
 
-def _measurement_pins(measurements: Mapping[int, bytes]) -> dict[str, tuple[str, ...]]:
+def _images(
+    measurements: Mapping[int, bytes] | Sequence[Mapping[int, bytes]],
+) -> list[dict[str, tuple[str, ...]]]:
+    """The pins of each image: one mapping, or a non-empty list of them pinning the same PCRs."""
+    if isinstance(measurements, Mapping):
+        return [_measurement_pins(measurements, "measurements")]
+    if not isinstance(measurements, list | tuple):
+        raise ConfigError("measurements must be a mapping of PCR index to value, or a list of them")
+    if not measurements:
+        raise ConfigError("measurements lists no image")
+    images = [_measurement_pins(m, f"measurements[{n}]") for n, m in enumerate(measurements)]
+    for number, pins in enumerate(images[1:], 1):
+        if set(pins) != set(images[0]):
+            raise ConfigError(
+                f"measurements[{number}] pins other PCRs than measurements[0]: every image must "
+                "pin the same ones (a Deny on a PCR one image leaves free would refuse it)"
+            )
+        if pins in images[:number]:
+            raise ConfigError(f"measurements[{number}] repeats an earlier image")
+    return images
+
+
+def _measurement_pins(measurements: object, where: str) -> dict[str, tuple[str, ...]]:
     if not isinstance(measurements, Mapping) or 0 not in measurements:
-        raise ConfigError("measurements must include PCR0 (kms:RecipientAttestation:ImageSha384)")
+        raise ConfigError(f"{where} must include PCR0 (kms:RecipientAttestation:ImageSha384)")
     pins: dict[str, tuple[str, ...]] = {}
     for index in sorted(measurements, key=lambda i: (not isinstance(i, int), str(i))):
         value = measurements[index]
@@ -225,10 +261,10 @@ def _measurement_pins(measurements: Mapping[int, bytes]) -> dict[str, tuple[str,
             raise ConfigError(f"PCR{index} cannot be pinned; KMS policies here take {allowed}")
         if not isinstance(value, bytes) or len(value) != PCR_LENGTH:
             length = len(value) if isinstance(value, bytes) else type(value).__name__
-            raise ConfigError(f"measurements[{index}] is {length} bytes; SHA384 PCRs are 48")
+            raise ConfigError(f"{where}[{index}] is {length} bytes; SHA384 PCRs are 48")
         if value == bytes(PCR_LENGTH):
             raise ConfigError(
-                f"measurements[{index}] is all zero: a debug-mode enclave, whose memory the "
+                f"{where}[{index}] is all zero: a debug-mode enclave, whose memory the "
                 "parent can read, must never receive the data key"
             )
         if index == 0:

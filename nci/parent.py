@@ -5,7 +5,10 @@
 boot), the enclave launcher, the control link to the enclave with its credentials forwarder, and
 the consumer-facing HTTP bridge. It prints one line per service with its address, runs until
 SIGTERM or SIGINT, then stops them in the reverse order (the bridge first, the enclave last but
-the services it boots from).
+the services it boots from). ``--only bundles,kms_relay`` runs a subset (one systemd unit each,
+all reading the same file; see ``deploy/systemd/``).
+
+``nci parent check --config parent.yaml`` is the read-only preflight (:mod:`nci.preflight`).
 
 ``nci parent serve-bundles --listen ADDRESS --bundle NAME=SOURCE …`` serves sealed bundles to the
 enclave: SOURCE is a bundle folder or ``s3://BUCKET/PREFIX``. It runs until interrupted.
@@ -17,15 +20,17 @@ import argparse
 import asyncio
 import contextlib
 import signal
-from collections.abc import Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from botocore.exceptions import BotoCoreError
 
+from nci.preflight import add_check_parser
 from parent.bridge import create_app, start_bridge
 from parent.bundlesource import BundleSource, FolderSource, S3Source, s3_client_config
 from parent.config import (
+    SERVICES,
     AwsLauncherConfig,
     BundlesConfig,
     ParentConfig,
@@ -60,7 +65,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     run.add_argument(
         "--config", required=True, type=Path, metavar="FILE", help="the parent's YAML configuration"
     )
+    run.add_argument(
+        "--only",
+        type=_service_list,
+        metavar="SERVICES",
+        help=f"comma-separated subset of {','.join(SERVICES)} (default: every configured one); "
+        "bridge is the enclave control link, the credentials forwarder and the HTTP bridge",
+    )
     run.set_defaults(handler=_run_parent)
+    add_check_parser(commands)
     serve = commands.add_parser(
         "serve-bundles",
         help="serve sealed bundles to the enclave (ciphertext only) until interrupted",
@@ -133,14 +146,24 @@ def _source(spec: str, args: argparse.Namespace) -> BundleSource:
 # -- nci parent run ----------------------------------------------------------------------------
 
 
+def _service_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME[,NAME…] from {', '.join(SERVICES)}"
+        )
+    return names
+
+
 def _run_parent(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         config = load_config(args.config)
+        services = config.services(args.only)
     except ProtocolError as exc:
         print(f"nci parent run: {exc}", file=err)
         return 2
     try:
-        _run_loop(run_services(config, out))
+        _run_loop(run_services(config, out, services=services))
     except (ProtocolError, OSError, BotoCoreError) as exc:
         print(f"nci parent run: {exc}", file=err)
         return 2
@@ -158,10 +181,16 @@ def _run_loop(main: Coroutine[Any, Any, _T]) -> _T:
 
 
 async def run_services(
-    config: ParentConfig, out: TextIO, *, stop: asyncio.Event | None = None
+    config: ParentConfig,
+    out: TextIO,
+    *,
+    services: Collection[str] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Start every service of ``config``, announce each on ``out``, run until SIGTERM/SIGINT (or
+    """Start the ``services`` of ``config`` (default: every configured one, see
+    :meth:`ParentConfig.services`), announce each on ``out``, run until SIGTERM/SIGINT (or
     ``stop``), then stop them in reverse order."""
+    selected = config.services(None if services is None else list(services))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -174,7 +203,7 @@ async def run_services(
     registry = Registry()
     async with contextlib.AsyncExitStack() as stack:
         # (1) what the enclave boots from: sealed bundles and the way to KMS
-        if config.bundles is not None:
+        if config.bundles is not None and "bundles" in selected:
             sources = _bundle_sources(config.bundles)
             streamer = BundleStreamer(
                 config.bundles.listen, sources, max_connections=config.bundles.max_connections
@@ -182,7 +211,7 @@ async def run_services(
             await stack.enter_async_context(streamer)
             _streamer_metrics(registry, streamer)
             announce(f"bundle streamer: {streamer.address} ({', '.join(sorted(sources))})")
-        if config.kms_relay is not None:
+        if config.kms_relay is not None and "kms_relay" in selected:
             relay_config = config.kms_relay
             relay = KmsRelay(
                 relay_config.listen,
@@ -196,7 +225,7 @@ async def run_services(
             _relay_metrics(registry, relay)
             announce(f"kms relay: {relay.listen} -> {relay.upstream}")
         # (2) the enclave itself
-        if config.launcher is not None:
+        if config.launcher is not None and "launcher" in selected:
             launcher = _launcher(config)
             await launcher.start()
             stack.push_async_callback(launcher.stop)
@@ -205,39 +234,46 @@ async def run_services(
                 "counter", lambda: [({}, launcher.restarts)],
             )  # fmt: skip
             announce(f"launcher: {launcher.describe()}")
-        # (3) the control link, with the credentials forwarder hooked to its (re)connects
-        link = EnclaveLink(
-            config.enclave_control,
-            timeouts=config.link_timeouts,
-            health_interval=config.health_interval,
-        )
-        forwarder: CredentialsForwarder | None = None
-        if config.credentials_source != "none":
-            source: CredentialSource = (
-                environment_credentials
-                if config.credentials_source == "env"
-                else session_credentials
-            )
-            forwarder = CredentialsForwarder(
-                link, source, refresh_interval=config.credentials_refresh
-            )
-        await stack.enter_async_context(link)
-        announce(f"enclave link: {link.address}")
-        if forwarder is not None:
-            await stack.enter_async_context(forwarder)
-            sent = forwarder
-            registry.callback(
-                "nci_credentials_sent_total", "CREDENTIALS frames sent to the enclave.",
-                "counter", lambda: [({}, sent.sent)],
-            )  # fmt: skip
-            announce(f"credentials forwarder: {config.credentials_source}")
-        # (4) the consumers' door, last in, first out
-        app = create_app(link, config.limits, registry=registry)
-        server = await start_bridge(app, config.bridge_listen, limits=config.limits)
-        stack.push_async_callback(server.close)
-        announce(f"bridge: {server.address}")
+        # (3) the control link, its credentials forwarder, then the consumers' HTTP bridge
+        if "bridge" in selected:
+            await _start_bridge(config, stack, registry, announce)
         await stop.wait()
         announce("stopping")
+
+
+async def _start_bridge(
+    config: ParentConfig,
+    stack: contextlib.AsyncExitStack,
+    registry: Registry,
+    announce: Callable[[str], None],
+) -> None:
+    """The control link, the credentials forwarder (hooked to the link's (re)connects) and the
+    HTTP bridge, last in and first out of ``stack``."""
+    link = EnclaveLink(
+        config.enclave_control,
+        timeouts=config.link_timeouts,
+        health_interval=config.health_interval,
+    )
+    forwarder: CredentialsForwarder | None = None
+    if config.credentials_source != "none":
+        source: CredentialSource = (
+            environment_credentials if config.credentials_source == "env" else session_credentials
+        )
+        forwarder = CredentialsForwarder(link, source, refresh_interval=config.credentials_refresh)
+    await stack.enter_async_context(link)
+    announce(f"enclave link: {link.address}")
+    if forwarder is not None:
+        await stack.enter_async_context(forwarder)
+        sent = forwarder
+        registry.callback(
+            "nci_credentials_sent_total", "CREDENTIALS frames sent to the enclave.",
+            "counter", lambda: [({}, sent.sent)],
+        )  # fmt: skip
+        announce(f"credentials forwarder: {config.credentials_source}")
+    app = create_app(link, config.limits, registry=registry)
+    server = await start_bridge(app, config.bridge_listen, limits=config.limits)
+    stack.push_async_callback(server.close)
+    announce(f"bridge: {server.address}")
 
 
 def _bundle_sources(config: BundlesConfig) -> dict[str, BundleSource]:

@@ -50,7 +50,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="key administrator (repeatable)",
     )
     create.add_argument(
-        "--expect", required=True, type=Path, metavar="FILE", help="the released image's PCRs"
+        "--expect",
+        action="append",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="the released image's PCRs; repeat it during a rollout (--expect OLD --expect NEW): "
+        "each image gets its own Allow statement",
     )
     create.add_argument(
         "--context",
@@ -106,17 +112,20 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def _create_key(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
-        sets = load_expectations(args.expect)
-        if len(sets) != 1:
-            print(
-                f"nci provider create-key: {args.expect} lists {len(sets)} PCR sets; a key policy "
-                "pins exactly one released image (create one key per image)",
-                file=err,
-            )
-            return 2
+        images = []
+        for path in args.expect:
+            sets = load_expectations(path)
+            if len(sets) != 1:
+                print(
+                    f"nci provider create-key: {path} lists {len(sets)} PCR sets; give one file "
+                    "per image (--expect OLD --expect NEW during a rollout)",
+                    file=err,
+                )
+                return 2
+            images.append(sets[0].values)
         context = dict(_pair(item) for item in args.context)
         policy = generate(
-            measurements=sets[0].values,
+            measurements=images,
             role_arn=args.role,
             provider_arn=args.provider,
             admin_arns=args.admin,

@@ -38,6 +38,7 @@ __all__ = [
     "FolderSource",
     "S3Source",
     "s3_client_config",
+    "s3_keys",
 ]
 
 MANIFEST_NAME: Final = "manifest.cbor"
@@ -265,9 +266,7 @@ class S3Source(_CheckedSource):
             raise ConfigError("S3Source prefix must be text")
         self._s3 = s3_client
         self._bucket = bucket
-        base = prefix.strip("/")
-        self._manifest_key = f"{base}/{MANIFEST_NAME}" if base else MANIFEST_NAME
-        self._chunks_key = f"{base}/{CHUNKS_NAME}" if base else CHUNKS_NAME
+        self._manifest_key, self._chunks_key = s3_keys(prefix)
 
     def __repr__(self) -> str:
         return f"S3Source({self._bucket!r}, {self._chunks_key.rpartition('/')[0]!r})"
@@ -304,6 +303,14 @@ class S3Source(_CheckedSource):
         except BotoCoreError as exc:
             raise TransportError(f"{key}: S3 {operation} failed ({type(exc).__name__})") from None
         return response
+
+
+def s3_keys(prefix: str) -> tuple[str, str]:
+    """The object keys of the bundle under ``prefix``: the manifest's and the chunks'."""
+    base = prefix.strip("/")
+    if not base:
+        return MANIFEST_NAME, CHUNKS_NAME
+    return f"{base}/{MANIFEST_NAME}", f"{base}/{CHUNKS_NAME}"
 
 
 def _read_body(response: dict[str, Any], *, limit: int, exact: int | None, what: str) -> bytes:

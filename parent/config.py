@@ -34,6 +34,16 @@ with every key (the optional sections may be left out; defaults shown)::
       local: {enclave_config: state/enclave.json, grace: 10, backoff_max: 30,
               log: state/enclave.log, verbose: false}   # log: null inherits the parent's stderr
       # or: aws: {eif_path: /opt/nci/enclave.eif, cpu_count: 2, memory_mib: 4096, cid: 16}
+    deployment:                           # optional: what `nci parent check` compares against
+      key_id: arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab
+      expected:                           # the EIF's PCRs (nci audit eif --json); PCR8 optional
+        PCR0:
+          0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000a0
+        PCR1:
+          0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000a1
+        PCR2:
+          0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000a2
+      rollout: []                         # during a rollout: the other image's PCRs, same shape
     limits:                               # the bridge's limits (parent.bridge.BridgeLimits)
       max_body_bytes: 16777216            # request body cap (413)
       max_concurrency: 8                  # inference requests at once, body received (429)
@@ -51,7 +61,8 @@ with every key (the optional sections may be left out; defaults shown)::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -65,8 +76,10 @@ from protocol.errors import ConfigError
 from protocol.transport import Address, parse_address
 
 __all__ = [
+    "SERVICES",
     "AwsLauncherConfig",
     "BundlesConfig",
+    "DeploymentConfig",
     "LocalLauncherConfig",
     "ParentConfig",
     "RelayConfig",
@@ -76,6 +89,13 @@ __all__ = [
 
 MAX_CONFIG_SIZE: Final = 1024 * 1024
 CREDENTIAL_SOURCES: Final = ("session", "env", "none")
+SERVICES: Final = ("bundles", "kms_relay", "launcher", "bridge")
+"""What ``nci parent run --only`` selects; ``bridge`` is the control link, the credentials
+forwarder and the HTTP bridge, the others are the sections of the same names."""
+PCR_NAMES: Final = {"PCR0": 0, "PCR1": 1, "PCR2": 2, "PCR8": 8}  # PCR8 (signed images) optional
+_HEX96: Final = re.compile(r"[0-9a-f]{96}")
+# GetKeyPolicy takes a key id or key ARN, not an alias (AWS KMS API Reference, GetKeyPolicy)
+_KEY_ID: Final = re.compile(r"(arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:key/)?[A-Za-z0-9-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +143,15 @@ class AwsLauncherConfig:
 
 
 @dataclass(frozen=True)
+class DeploymentConfig:
+    """What ``nci parent check`` compares the deployment with; no service reads it."""
+
+    key_id: str
+    expected: Mapping[int, bytes]  # the EIF's PCRs: 0, 1, 2 and optionally 8
+    rollout: tuple[Mapping[int, bytes], ...] = ()  # other images the key policy also allows
+
+
+@dataclass(frozen=True)
 class ParentConfig:
     """Everything ``nci parent run`` starts; see the module docstring for the YAML."""
 
@@ -136,6 +165,25 @@ class ParentConfig:
     credentials_refresh: float = 60.0
     launcher: LocalLauncherConfig | AwsLauncherConfig | None = None
     limits: BridgeLimits = field(default_factory=BridgeLimits)
+    deployment: DeploymentConfig | None = None
+
+    def services(self, only: Sequence[str] | None = None) -> frozenset[str]:
+        """The services to run: every configured one, or those of ``only`` (names from
+        :data:`SERVICES`), each of which must be configured. Raises :class:`ConfigError`."""
+        sections = {"bundles": self.bundles, "kms_relay": self.kms_relay, "launcher": self.launcher}
+        configured = {name for name, section in sections.items() if section is not None}
+        configured.add("bridge")  # its sections, bridge and enclave, are required
+        if only is None:
+            return frozenset(configured)
+        if not only:
+            raise ConfigError(f"no service named; choose from {', '.join(SERVICES)}")
+        for name in only:
+            if name not in SERVICES:
+                raise ConfigError(f"{name!r} is not a service; choose from {', '.join(SERVICES)}")
+        for name in only:
+            if name not in configured:
+                raise ConfigError(f"{name}: the configuration has no {name} section")
+        return frozenset(only)
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -194,6 +242,7 @@ def parse_config(text: str, *, base: Path) -> ParentConfig:
         **_credentials(root.optional_section("credentials")),
         launcher=_launcher(root.optional_section("launcher")),
         limits=_limits(root.optional_section("limits")),
+        deployment=_deployment(root.optional_section("deployment")),
     )
     for section in (bridge, enclave):
         section.done()
@@ -340,6 +389,42 @@ def _limits(section: _Section | None) -> BridgeLimits:
     return BridgeLimits(**values)
 
 
+def _deployment(section: _Section | None) -> DeploymentConfig | None:
+    if section is None:
+        return None
+    key_id = section.text("key_id")
+    if not _KEY_ID.fullmatch(key_id):
+        raise ConfigError(f"{section.path}key_id must be a KMS key id or key ARN (not an alias)")
+    expected = _pcrs(section.section("expected"))
+    rollout = section.get("rollout", [])
+    if not isinstance(rollout, list):
+        raise ConfigError(f"{section.path}rollout must be a list of PCR mappings")
+    others = tuple(
+        _pcrs(_Section(item, f"{section.path}rollout[{n}].", section.base))
+        for n, item in enumerate(rollout)
+    )
+    section.done()
+    return DeploymentConfig(key_id=key_id, expected=expected, rollout=others)
+
+
+def _pcrs(section: _Section) -> dict[int, bytes]:
+    """PCR0, PCR1, PCR2 and optionally PCR8, each 96 lowercase hex characters (SHA-384)."""
+    pcrs: dict[int, bytes] = {}
+    for name, index in PCR_NAMES.items():
+        value = section.get(name, None if index == 8 else _MISSING)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not _HEX96.fullmatch(value):
+            raise ConfigError(
+                f"{section.path}{name} must be 96 lowercase hex characters (a SHA-384 PCR)"
+            )
+        if set(value) == {"0"}:
+            raise ConfigError(f"{section.path}{name} is all zero: a debug-mode enclave's")
+        pcrs[index] = bytes.fromhex(value)
+    section.done()
+    return pcrs
+
+
 # -- a mapping that remembers which keys were read ---------------------------------------------
 
 _MISSING: Final = object()
@@ -352,7 +437,7 @@ class _Section:
         self._value: dict[str, object] = value
         self._read: set[str] = set()
         self.path = path
-        self._base = base
+        self.base = base
 
     def keys(self) -> list[str]:
         return list(self._value)
@@ -372,11 +457,11 @@ class _Section:
         return value
 
     def section(self, key: str) -> _Section:
-        return _Section(self.get(key), f"{self.path}{key}.", self._base)
+        return _Section(self.get(key), f"{self.path}{key}.", self.base)
 
     def optional_section(self, key: str) -> _Section | None:
         value = self.get(key, None)
-        return None if value is None else _Section(value, f"{self.path}{key}.", self._base)
+        return None if value is None else _Section(value, f"{self.path}{key}.", self.base)
 
     def address(self, key: str) -> Address:
         text = self._typed(key, _MISSING, lambda v: isinstance(v, str), "an address")
@@ -406,7 +491,7 @@ class _Section:
 
     def path_value(self, key: str) -> Path:
         path = Path(self.text(key))
-        return path if path.is_absolute() else self._base / path
+        return path if path.is_absolute() else self.base / path
 
     def done(self) -> None:
         """Refuse any key nobody asked for."""

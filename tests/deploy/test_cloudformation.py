@@ -1,5 +1,5 @@
-"""The deployment files: the CloudFormation template lints, its key policy is generate()'s, the
-instance role has no KMS action, and the example parent.yaml parses."""
+"""The CloudFormation template: it lints, its key policy is generate()'s with one image and, with
+NextPcr0/1/2 set, with two (a rollout), and the instance role has no KMS action."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from kms_policy.check import check
+from kms_policy.evaluate import KmsRequest, evaluate, request_context
 from kms_policy.generate import generate
 from kms_policy.model import KeyPolicy
-from parent.config import AwsLauncherConfig, parse_config
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 TEMPLATE = DEPLOY / "cloudformation.yaml"
@@ -23,7 +23,9 @@ ACCOUNT = "111122223333"
 ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/nci-InstanceRole-ABC123"
 PROVIDER_ARN = f"arn:aws:iam::{ACCOUNT}:role/Provider"
 ADMIN_ARN = f"arn:aws:iam::{ACCOUNT}:role/KeyAdmin"
+SESSION_ARN = f"arn:aws:sts::{ACCOUNT}:assumed-role/nci-InstanceRole-ABC123/i-0abc"
 PCRS = {0: bytes([0xA0]) * 48, 1: bytes([0xB1]) * 48, 2: bytes([0xC2]) * 48}
+NEXT_PCRS = {0: bytes([0xD0]) * 48, 1: bytes([0xE1]) * 48, 2: bytes([0xF2]) * 48}
 
 
 @pytest.fixture(scope="module")
@@ -34,31 +36,72 @@ def template() -> dict[str, Any]:
     return document
 
 
-def _resolve(node: Any, refs: dict[str, str], attributes: dict[str, str]) -> Any:
-    """Substitute the template's Ref and Fn::GetAtt placeholders (all the key policy uses)."""
+_NO_VALUE = object()  # AWS::NoValue: the property or list item is left out
+
+
+def _condition(node: Any, refs: dict[str, str], conditions: dict[str, Any]) -> bool:
+    """Evaluate a Conditions or Rules expression (the intrinsics the template uses)."""
+    [(name, value)] = node.items()
+    if name == "Fn::Not":
+        return not _condition(value[0], refs, conditions)
+    if name == "Fn::And":
+        return all(_condition(item, refs, conditions) for item in value)
+    if name == "Fn::Equals":
+        left, right = (refs[v["Ref"]] if isinstance(v, dict) else v for v in value)
+        return bool(left == right)
+    if name == "Condition":
+        return _condition(conditions[value], refs, conditions)
+    raise AssertionError(f"unexpected intrinsic {name}")
+
+
+def _resolve(node: Any, refs: dict[str, str], attributes: dict[str, str], when: Any) -> Any:
+    """Substitute the template's Ref, Fn::GetAtt and Fn::If (all the key policy uses); ``when``
+    evaluates a condition name."""
     if isinstance(node, list):
-        return [_resolve(item, refs, attributes) for item in node]
+        items = [_resolve(item, refs, attributes, when) for item in node]
+        return [item for item in items if item is not _NO_VALUE]
     if isinstance(node, dict):
+        if node == {"Ref": "AWS::NoValue"}:
+            return _NO_VALUE
         if set(node) == {"Ref"}:
             return refs[node["Ref"]]
         if set(node) == {"Fn::GetAtt"}:
             return attributes[".".join(node["Fn::GetAtt"])]
+        if set(node) == {"Fn::If"}:
+            name, then, otherwise = node["Fn::If"]
+            return _resolve(then if when(name) else otherwise, refs, attributes, when)
         assert not any(key.startswith("Fn::") for key in node), node
-        return {key: _resolve(value, refs, attributes) for key, value in node.items()}
+        resolved = {key: _resolve(value, refs, attributes, when) for key, value in node.items()}
+        return {key: value for key, value in resolved.items() if value is not _NO_VALUE}
     return node
 
 
-def _key_policy(template: dict[str, Any]) -> KeyPolicy:
+def _parameters(next_pcrs: dict[int, bytes] | None = None) -> dict[str, str]:
+    refs = {f"PCR{i}": PCRS[i].hex() for i in (0, 1, 2)}
+    refs.update({f"NextPcr{i}": next_pcrs[i].hex() if next_pcrs else "" for i in (0, 1, 2)})
+    return {**refs, "ProviderArn": PROVIDER_ARN, "KeyAdminArn": ADMIN_ARN}
+
+
+def _key_policy(template: dict[str, Any], next_pcrs: dict[int, bytes] | None = None) -> KeyPolicy:
     raw = template["Resources"]["WeightsKey"]["Properties"]["KeyPolicy"]
-    refs = {
-        "PCR0": PCRS[0].hex(),
-        "PCR1": PCRS[1].hex(),
-        "PCR2": PCRS[2].hex(),
-        "ProviderArn": PROVIDER_ARN,
-        "KeyAdminArn": ADMIN_ARN,
-    }
-    resolved = _resolve(copy.deepcopy(raw), refs, {"InstanceRole.Arn": ROLE_ARN})
+    refs = _parameters(next_pcrs)
+    conditions = template["Conditions"]
+
+    def when(name: str) -> bool:
+        return _condition(conditions[name], refs, conditions)
+
+    resolved = _resolve(copy.deepcopy(raw), refs, {"InstanceRole.Arn": ROLE_ARN}, when)
     return KeyPolicy.from_json(json.dumps(resolved))
+
+
+def _rules_hold(template: dict[str, Any], refs: dict[str, str]) -> bool:
+    """Would CloudFormation accept these parameters (the template's Rules)?"""
+    for rule in template["Rules"].values():
+        if "RuleCondition" in rule and not _condition(rule["RuleCondition"], refs, {}):
+            continue
+        if not all(_condition(a["Assert"], refs, {}) for a in rule["Assertions"]):
+            return False
+    return True
 
 
 def test_template_passes_cfn_lint() -> None:
@@ -76,6 +119,16 @@ def test_key_policy_is_generates(template: dict[str, Any]) -> None:
     assert _key_policy(template) == expected
 
 
+def test_rollout_key_policy_is_generates_for_both_images(template: dict[str, Any]) -> None:
+    expected = generate(
+        measurements=[PCRS, NEXT_PCRS],
+        role_arn=ROLE_ARN,
+        provider_arn=PROVIDER_ARN,
+        admin_arns=[ADMIN_ARN],
+    )
+    assert _key_policy(template, NEXT_PCRS) == expected
+
+
 def test_key_policy_passes_the_audit(template: dict[str, Any]) -> None:
     report = check(
         _key_policy(template), expect=[PCRS], role_arn=ROLE_ARN, provider_arn=PROVIDER_ARN
@@ -84,9 +137,56 @@ def test_key_policy_passes_the_audit(template: dict[str, Any]) -> None:
     assert not report.ids("error")
 
 
+def test_rollout_key_policy_passes_the_audit_only_with_both_images(
+    template: dict[str, Any],
+) -> None:
+    policy = _key_policy(template, NEXT_PCRS)
+    both = check(policy, expect=[PCRS, NEXT_PCRS], role_arn=ROLE_ARN, provider_arn=PROVIDER_ARN)
+    assert both.ok, both.summary()
+    assert not both.findings
+    # an auditor who expects only the new image is told the old one still decrypts
+    new_only = check(policy, expect=[NEXT_PCRS], role_arn=ROLE_ARN, provider_arn=PROVIDER_ARN)
+    assert not new_only.ok
+    assert new_only.ids("error") == {"KP009"}
+
+
+def test_rollout_key_policy_refuses_mixed_pcrs_of_the_two_images(
+    template: dict[str, Any],
+) -> None:
+    policy = _key_policy(template, NEXT_PCRS)
+    for mixed in ({**PCRS, 2: NEXT_PCRS[2]}, {**NEXT_PCRS, 1: PCRS[1]}):
+        context = request_context(SESSION_ARN, attestation_pcrs=mixed, principal_arn=ROLE_ARN)
+        request = KmsRequest(SESSION_ARN, "kms:Decrypt", "*", context)
+        assert not evaluate(policy, request).allowed
+    for image in (PCRS, NEXT_PCRS):
+        context = request_context(SESSION_ARN, attestation_pcrs=image, principal_arn=ROLE_ARN)
+        assert evaluate(policy, KmsRequest(SESSION_ARN, "kms:Decrypt", "*", context)).allowed
+
+
 def test_pcr_parameters_are_48_byte_hex(template: dict[str, Any]) -> None:
     for name in ("PCR0", "PCR1", "PCR2"):
         assert template["Parameters"][name]["AllowedPattern"] == "^[0-9a-f]{96}$"
+    for name in ("NextPcr0", "NextPcr1", "NextPcr2"):
+        assert template["Parameters"][name]["AllowedPattern"] == "^([0-9a-f]{96})?$"
+        assert template["Parameters"][name]["Default"] == ""
+
+
+@pytest.mark.parametrize(
+    ("given", "accepted"),
+    [
+        ((), True),
+        ((0, 1, 2), True),
+        ((0,), False),  # a half image would pin PCR1 and PCR2 to ""
+        ((0, 1), False),
+        ((1, 2), False),  # ignored without NextPcr0: refused rather than silently dropped
+    ],
+)
+def test_rules_refuse_a_partial_next_image(
+    template: dict[str, Any], given: tuple[int, ...], accepted: bool
+) -> None:
+    refs = _parameters()
+    refs.update({f"NextPcr{i}": NEXT_PCRS[i].hex() for i in given})
+    assert _rules_hold(template, refs) is accepted
 
 
 def _actions(statement: dict[str, Any]) -> list[str]:
@@ -126,28 +226,3 @@ def test_instance_and_bucket_settings(template: dict[str, Any]) -> None:
     assert bucket["VersioningConfiguration"] == {"Status": "Enabled"}
     assert bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"]
     assert set(template["Outputs"]) == {"BucketName", "KeyArn", "RoleArn", "InstanceId"}
-
-
-def test_parent_yaml_example_parses() -> None:
-    path = DEPLOY / "parent.yaml.example"
-    config = parse_config(path.read_text(), base=path.parent)
-    assert isinstance(config.launcher, AwsLauncherConfig)
-    assert config.kms_relay is not None
-    assert config.kms_relay.upstream.port == 443
-    assert config.bundles is not None
-    assert all(source.s3_bucket for source in config.bundles.sources.values())
-    assert config.enclave_control.kind == "vsock"
-
-
-def test_systemd_unit_runs_the_parent_hardened() -> None:
-    text = (DEPLOY / "systemd" / "nci-parent.service").read_text()
-    lines = {line.strip() for line in text.splitlines()}
-    assert "ExecStart=/usr/local/bin/nci parent run --config /etc/nci/parent.yaml" in lines
-    for setting in (
-        "User=nci",
-        "Restart=always",
-        "NoNewPrivileges=yes",
-        "ProtectSystem=strict",
-        "PrivateTmp=yes",
-    ):
-        assert setting in lines

@@ -148,7 +148,58 @@ def test_policy_round_trips_and_prints_stably() -> None:
     assert _policy().to_json() == text
 
 
+# -- a rollout: two images at once, one Allow each -----------------------------------------------
+
+NEXT = {0: b"\x20" * 48, 1: b"\x11" * 48, 2: b"\x22" * 48, 8: b"\x28" * 48}  # same PCR1
+ROLLOUT = _policy(measurements=[MEASUREMENTS, NEXT])
+
+
+def test_rollout_policy_releases_the_key_to_either_image() -> None:
+    for image in (MEASUREMENTS, NEXT):
+        assert _ask(SESSION, "kms:Decrypt", pcrs={**image, 3: b"\x13" * 48}, policy=ROLLOUT)
+    assert not _ask(SESSION, "kms:Decrypt", pcrs=_attested(pcr0=b"\x30" * 48), policy=ROLLOUT)
+    assert not _ask(SESSION, "kms:Decrypt", policy=ROLLOUT)
+
+
+@pytest.mark.parametrize(
+    "mixed",
+    [
+        {**MEASUREMENTS, 8: NEXT[8]},  # the old image signed with the new signing certificate
+        {**NEXT, 2: MEASUREMENTS[2]},
+        {**MEASUREMENTS, 0: NEXT[0]},
+    ],
+)
+def test_rollout_policy_refuses_pcrs_mixed_from_the_two_images(mixed: dict[int, bytes]) -> None:
+    assert not _ask(SESSION, "kms:Decrypt", pcrs=mixed, policy=ROLLOUT)
+
+
+def test_rollout_policy_has_one_allow_per_image_and_denies_listing_both() -> None:
+    by_sid = {s.sid: s for s in ROLLOUT.statements}
+    for sid, image in (
+        ("EnclaveDecryptsWithAttestation", MEASUREMENTS),
+        ("EnclaveDecryptsWithAttestation2", NEXT),
+    ):
+        pins = by_sid[sid].condition["StringEqualsIgnoreCase"]
+        assert pins["kms:RecipientAttestation:PCR8"] == (image[8].hex(),)
+    deny = by_sid["DenyDecryptOtherPCR2"].condition["StringNotEqualsIgnoreCase"]
+    assert deny == {"kms:RecipientAttestation:PCR2": (MEASUREMENTS[2].hex(), NEXT[2].hex())}
+    assert KeyPolicy.from_json(ROLLOUT.to_json()) == ROLLOUT
+    single = _policy(measurements=[MEASUREMENTS])
+    assert single == POLICY  # a list of one image is the one-image policy
+
+
 BAD_INPUTS: dict[str, tuple[dict[str, Any], str]] = {
+    "no_image": ({"measurements": []}, "no image"),
+    "images_pin_different_pcrs": (
+        {"measurements": [MEASUREMENTS, {0: b"\x20" * 48}]},
+        r"measurements\[1\] pins other PCRs",
+    ),
+    "image_repeated": ({"measurements": [MEASUREMENTS, dict(MEASUREMENTS)]}, "repeats"),
+    "second_image_debug_mode": (
+        {"measurements": [MEASUREMENTS, {**NEXT, 2: bytes(48)}]},
+        r"measurements\[1\]\[2\] is all zero",
+    ),
+    "measurements_a_string": ({"measurements": "10" * 48}, "mapping of PCR index"),
     "missing_pcr0": ({"measurements": {1: b"\x11" * 48}}, "PCR0"),
     "zero_pcr_debug_mode": ({"measurements": {0: bytes(48)}}, "all zero"),
     "zero_pcr8": ({"measurements": {0: b"\x10" * 48, 8: bytes(48)}}, "all zero"),

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from moto import mock_aws
 
 from attestation import _measure
 from nci.cli import main
@@ -81,6 +82,49 @@ def test_create_key_then_audit_its_policy_against_a_served_local_kms(
     assert status == 0, out + err
     assert report["ok"] is True
     assert report["can_decrypt"]
+
+
+def test_create_key_for_a_rollout_lets_either_image_decrypt_and_audits_only_with_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    images = {
+        name: {f"PCR{i}": bytes([seed + i]) * 48 for i in (0, 1, 2)}
+        for name, seed in (("old", 0x10), ("new", 0x20))
+    }
+    files = {}
+    for name, pcrs in images.items():
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps({k: v.hex() for k, v in pcrs.items()}))
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps([{k: v.hex() for k, v in p.items()} for p in images.values()]))
+    with mock_aws():
+        status, out, err = run(
+            "provider", "create-key", "--role", ROLE, "--provider", PROVIDER, "--admin", ADMIN,
+            "--expect", str(files["old"]), "--expect", str(files["new"]), "--json",
+        )  # fmt: skip
+        assert status == 0, err
+        created = json.loads(out)
+        sids = [s.get("Sid") for s in created["policy"]["Statement"]]
+        assert {"EnclaveDecryptsWithAttestation", "EnclaveDecryptsWithAttestation2"} <= set(sids)
+        audit = ("audit", "policy", "--key-id", created["key_id"], "--role", ROLE, "--json")
+        status, out, _ = run(*audit, "--expect", str(both))
+        assert status == 0, out
+        status, out, _ = run(*audit, "--expect", str(files["new"]))
+        assert status == 1
+        assert "KP009" in {f["id"] for f in json.loads(out)["findings"]}
+
+
+def test_create_key_refuses_one_file_listing_two_images(tmp_path: Path) -> None:
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps([{"PCR0": "10" * 48}, {"PCR0": "20" * 48}]))
+    status, _, err = run(
+        "provider", "create-key", "--role", ROLE, "--provider", PROVIDER, "--admin", ADMIN,
+        "--expect", str(both),
+    )  # fmt: skip
+    assert status == 2
+    assert "give one file per image" in err
 
 
 def test_audit_policy_flags_the_aws_default_key_policy(tmp_path: Path) -> None:

@@ -22,7 +22,13 @@ import pytest
 import nci.parent
 import parent.config
 from parent.bridge import BridgeLimits
-from parent.config import AwsLauncherConfig, LocalLauncherConfig, load_config, parse_config
+from parent.config import (
+    AwsLauncherConfig,
+    LocalLauncherConfig,
+    ParentConfig,
+    load_config,
+    parse_config,
+)
 from parent.enclave_link import LinkTimeouts
 from protocol.control import Credentials
 from protocol.errors import ConfigError
@@ -56,6 +62,8 @@ def test_the_documented_example_parses_with_every_section(tmp_path: Path) -> Non
         tmp_path / "state/enclave.json", 10.0, 30.0, log=tmp_path / "state/enclave.log"
     )
     assert config.limits == BridgeLimits()
+    assert config.deployment is not None
+    assert sorted(config.deployment.expected) == [0, 1, 2]
 
 
 def test_minimal_configuration_takes_the_defaults(tmp_path: Path) -> None:
@@ -81,6 +89,93 @@ def test_aws_launcher_section(tmp_path: Path) -> None:
     assert parse_config(text, base=tmp_path).launcher == AwsLauncherConfig(
         Path("/opt/nci/enclave.eif"), 2, 4096, 16
     )
+
+
+HEX = {n: f"{n:02x}" * 48 for n in (0xA0, 0xA1, 0xA2, 0xA8, 0xB0, 0xB1, 0xB2)}
+KEY_ARN = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+
+
+def deployment(expected: str, extra: str = "") -> str:
+    return MINIMAL + f"deployment:\n  key_id: {KEY_ARN}\n  expected: {{{expected}}}\n{extra}"
+
+
+IMAGE_A = f"PCR0: '{HEX[0xA0]}', PCR1: '{HEX[0xA1]}', PCR2: '{HEX[0xA2]}'"
+IMAGE_B = f"PCR0: '{HEX[0xB0]}', PCR1: '{HEX[0xB1]}', PCR2: '{HEX[0xB2]}'"
+
+
+def test_deployment_section_pins_the_expected_measurements(tmp_path: Path) -> None:
+    text = deployment(f"{IMAGE_A}, PCR8: '{HEX[0xA8]}'", f"  rollout: [{{{IMAGE_B}}}]\n")
+    pinned = parse_config(text, base=tmp_path).deployment
+    assert pinned is not None
+    assert pinned.key_id == KEY_ARN
+    assert pinned.expected == {i: bytes.fromhex(HEX[0xA0 + i]) for i in (0, 1, 2, 8)}
+    assert pinned.rollout == ({i: bytes.fromhex(HEX[0xB0 + i]) for i in (0, 1, 2)},)
+    assert parse_config(MINIMAL, base=tmp_path).deployment is None
+    bare_id = deployment(IMAGE_A).replace(KEY_ARN, "mrk-1234abcd12ab34cd56ef1234567890ab")
+    assert parse_config(bare_id, base=tmp_path).deployment is not None
+
+
+BAD_DEPLOYMENTS = {
+    "missing_pcr1": (
+        deployment(f"PCR0: '{HEX[0xA0]}', PCR2: '{HEX[0xA2]}'"),
+        "deployment.expected.PCR1 is required",
+    ),
+    "uppercase_hex": (
+        deployment(IMAGE_A.replace(HEX[0xA1], HEX[0xA1].upper())),
+        "deployment.expected.PCR1 must be 96 lowercase hex",
+    ),
+    "sha256_length": (
+        deployment(IMAGE_A.replace(HEX[0xA2], HEX[0xA2][:64])),
+        "deployment.expected.PCR2 must be 96 lowercase hex",
+    ),
+    "unquoted_number": (
+        deployment(IMAGE_A.replace(f"'{HEX[0xA0]}'", "1" * 96)),
+        "deployment.expected.PCR0 must be 96",
+    ),
+    "debug_mode_zeros": (
+        deployment(IMAGE_A.replace(HEX[0xA0], "0" * 96)),
+        "deployment.expected.PCR0 is all zero",
+    ),
+    "pcr3_not_an_image_pcr": (
+        deployment(f"{IMAGE_A}, PCR3: '{HEX[0xB0]}'"),
+        "unknown key deployment.expected.PCR3",
+    ),
+    "lowercase_pcr_name": (
+        deployment(f"{IMAGE_A}, pcr8: '{HEX[0xA8]}'"),
+        "unknown key deployment.expected.pcr8",
+    ),
+    "alias_not_a_key": (
+        deployment(IMAGE_A).replace(KEY_ARN, "alias/nci"),
+        "deployment.key_id must be a KMS key id or key ARN",
+    ),
+    "no_key_id": (
+        MINIMAL + f"deployment:\n  expected: {{{IMAGE_A}}}\n",
+        "deployment.key_id is required",
+    ),
+    "expected_a_list": (
+        MINIMAL + f"deployment:\n  key_id: {KEY_ARN}\n  expected: ['{HEX[0xA0]}']\n",
+        "deployment.expected must be a mapping",
+    ),
+    "rollout_not_a_list": (
+        deployment(IMAGE_A, f"  rollout: {{{IMAGE_B}}}\n"),
+        "deployment.rollout must be a list",
+    ),
+    "rollout_image_without_pcr2": (
+        deployment(IMAGE_A, f"  rollout: [{{PCR0: '{HEX[0xB0]}', PCR1: '{HEX[0xB1]}'}}]\n"),
+        r"deployment\.rollout\[0\]\.PCR2 is required",
+    ),
+    "unknown_deployment_key": (
+        deployment(IMAGE_A, "  role: x\n"),
+        "unknown key deployment.role",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_DEPLOYMENTS))
+def test_rejects_bad_deployment_sections(tmp_path: Path, name: str) -> None:
+    text, message = BAD_DEPLOYMENTS[name]
+    with pytest.raises(ConfigError, match=message):
+        parse_config(text, base=tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -315,3 +410,143 @@ def test_unreachable_bridge_port_is_a_clean_error(tmp_path: Path) -> None:
         out, err = io.StringIO(), io.StringIO()
         assert main(["parent", "run", "--config", str(path)], out=out, err=err) == 2
     assert "listen on" in err.getvalue()
+
+
+# -- nci parent run --only: one systemd unit per group of services, one configuration ---------
+
+
+class Announcements(io.StringIO):
+    """``run_services``'s output; sets ``ready`` once the line starting with ``last`` is out."""
+
+    def __init__(self, last: str) -> None:
+        super().__init__()
+        self.last = last
+        self.ready = asyncio.Event()
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.last):
+            self.ready.set()
+        return super().write(text)
+
+    def services(self) -> list[str]:
+        return [line.split(":")[0] for line in self.getvalue().splitlines()]
+
+
+def every_service(tmp_path: Path, bridge_port: int) -> ParentConfig:
+    return parse_config(
+        f"bridge: {{listen: 'tcp://127.0.0.1:{bridge_port}'}}\n"
+        f"enclave: {{control: 'unix://{tmp_path}/enclave.sock'}}\n"
+        f"kms_relay:\n  listen: 'unix://{tmp_path}/kms.sock'\n"
+        f"  upstream: 'tcp://127.0.0.1:{free_port()}'\n"
+        f"bundles:\n  listen: 'unix://{tmp_path}/bundles.sock'\n"
+        f"  sources: {{tiny: {{folder: {BUNDLE}}}}}\n"
+        "credentials: {source: none}\n",
+        base=tmp_path,
+    )
+
+
+async def accepts(address: Address) -> bool:
+    try:
+        if address.kind == "unix":
+            _, writer = await asyncio.open_unix_connection(address.path)
+        else:
+            _, writer = await asyncio.open_connection(address.host, address.port)
+    except OSError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True
+
+
+def test_only_kms_relay_and_bundles_leaves_the_bridge_port_closed(tmp_path: Path) -> None:
+    port = free_port()
+    config = every_service(tmp_path, port)
+    assert config.kms_relay is not None
+    assert config.bundles is not None
+    relay, bundles = config.kms_relay.listen, config.bundles.listen
+
+    async def run() -> tuple[list[str], list[bool], str]:
+        out = Announcements("kms relay")
+        stop = asyncio.Event()
+        services = config.services(["kms_relay", "bundles"])
+        task = asyncio.create_task(
+            nci.parent.run_services(config, out, services=services, stop=stop)
+        )
+        await asyncio.wait_for(out.ready.wait(), 10)  # a guard against hanging, not a timing check
+        listening = [
+            await accepts(relay),
+            await accepts(bundles),
+            await accepts(config.bridge_listen),
+            await accepts(config.enclave_control),  # nothing dialled the enclave either
+        ]
+        started = out.services()
+        stop.set()
+        await task
+        return started, listening, out.getvalue()
+
+    started, listening, output = asyncio.run(run())
+    assert started == ["bundle streamer", "kms relay"]
+    assert listening == [True, True, False, False]
+    assert output.endswith("stopping\n")
+
+
+def test_only_bridge_leaves_the_enclave_boot_services_to_the_relay_unit(tmp_path: Path) -> None:
+    port = free_port()
+    config = every_service(tmp_path, port)
+    assert config.kms_relay is not None
+    assert config.bundles is not None
+    relay, bundles = config.kms_relay.listen, config.bundles.listen
+
+    async def run() -> tuple[list[str], list[bool]]:
+        out = Announcements("bridge")
+        stop = asyncio.Event()
+        async with FakeEnclave(config.enclave_control):
+            task = asyncio.create_task(
+                nci.parent.run_services(config, out, services={"bridge"}, stop=stop)
+            )
+            await asyncio.wait_for(out.ready.wait(), 10)
+            listening = [
+                await accepts(config.bridge_listen),
+                await accepts(relay),
+                await accepts(bundles),
+            ]
+            stop.set()
+            await task
+        return out.services(), listening
+
+    started, listening = asyncio.run(run())
+    assert started == ["enclave link", "bridge", "stopping"]
+    assert listening == [True, False, False]
+
+
+@pytest.mark.parametrize(
+    ("only", "message"),
+    [
+        ("bogus", "'bogus' is not a service"),
+        ("bundles,relay", "'relay' is not a service"),
+        ("launcher", "launcher: the configuration has no launcher section"),
+        ("kms_relay", "kms_relay: the configuration has no kms_relay section"),
+    ],
+)
+def test_rejects_only_naming_an_unknown_or_unconfigured_service(
+    tmp_path: Path, only: str, message: str
+) -> None:
+    path = tmp_path / "parent.yaml"
+    path.write_text(MINIMAL)
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["parent", "run", "--config", str(path), "--only", only], out=out, err=err) == 2
+    assert message in err.getvalue()
+    assert not out.getvalue()
+
+
+@pytest.mark.parametrize("only", ["", "bundles,", ",bridge"])
+def test_rejects_an_empty_service_name(tmp_path: Path, only: str) -> None:
+    path = tmp_path / "parent.yaml"
+    path.write_text(MINIMAL)
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["parent", "run", "--config", str(path), "--only", only],
+            out=io.StringIO(),
+            err=io.StringIO(),
+        )
+    assert exit_info.value.code == 2
