@@ -33,13 +33,19 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
-# The enclave image file, on a Nitro-enabled EC2 instance with docker and the AWS Nitro Enclaves
-# CLI (docs/deploy-aws.md). Prints the measurements that the key policy and consumers pin.
+# The enclave image file, on a Nitro-enabled EC2 instance with docker (buildx, BuildKit >= 0.13)
+# and the AWS Nitro Enclaves CLI (docs/deploy-aws.md, step 3). rewrite-timestamp=true clamps every
+# file's mtime in the image layers to SOURCE_DATE_EPOCH, so that a rebuild of the same commit gives
+# the same ramdisks, hence the same PCR0 and PCR2 (docs/reproducible-eif.md). Prints the
+# measurements that the key policy and consumers pin, as nitro-cli reports them.
+SOURCE_DATE_EPOCH ?= 0
 eif:
-	@command -v nitro-cli >/dev/null 2>&1 || { echo "make eif: nitro-cli is not installed here; build the EIF on a Nitro-enabled EC2 instance (docs/deploy-aws.md, step 2)" >&2; exit 1; }
+	@command -v nitro-cli >/dev/null 2>&1 || { echo "make eif: nitro-cli is not installed here; build the EIF on a Nitro-enabled EC2 instance (docs/deploy-aws.md, step 3)" >&2; exit 1; }
 	@command -v docker >/dev/null 2>&1 || { echo "make eif: docker is not installed here" >&2; exit 1; }
+	@docker buildx version >/dev/null 2>&1 || { echo "make eif: docker buildx is not installed here (docs/reproducible-eif.md)" >&2; exit 1; }
 	mkdir -p build
-	docker build -f enclave/Dockerfile -t nci-enclave:latest .
+	docker buildx build -f enclave/Dockerfile --build-arg SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) \
+		--output type=docker,name=nci-enclave:latest,rewrite-timestamp=true .
 	nitro-cli build-enclave --docker-uri nci-enclave:latest --output-file build/enclave.eif > build/measurements.json
 	cat build/measurements.json
 

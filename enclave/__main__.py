@@ -1,10 +1,13 @@
 """``python -m enclave --config FILE``: boot the enclave and serve until SIGTERM or SIGINT.
 
 This is the enclave image's entry point (``nci enclave run --config FILE`` does the same from the
-``nci`` command). Exit status: 0 after a clean shutdown, 1 when the boot failed and the
-configuration sets ``exit_on_failure``, 2 for an unreadable or invalid configuration or an address
-that cannot be listened on. Without ``exit_on_failure`` a failed enclave stays up answering health
-with state ``failed``, so that the parent can report why.
+``nci`` command). In the image it runs with ``--inside-image`` (enclave/image/entrypoint.sh),
+which first brings the loopback interface up and maps the configured KMS host to it
+(:func:`enclave.netif.prepare_image`); nowhere else. Exit status: 0 after a clean shutdown, 1 when
+the boot failed and the configuration sets ``exit_on_failure``, 2 for an unreadable or invalid
+configuration, an address that cannot be listened on, or a network setup the kernel refused.
+Without ``exit_on_failure`` a failed enclave stays up answering health with state ``failed``, so
+that the parent can report why.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 from enclave.boot import run
 from enclave.config import load_config
 from enclave.errors import EnclaveError
+from enclave.netif import prepare_image
 from protocol.errors import ProtocolError
 
 
@@ -27,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--config", required=True, type=Path, help="the enclave's JSON configuration"
     )
+    parser.add_argument(
+        "--inside-image",
+        action="store_true",
+        help="in the Nitro enclave image only: bring lo up and map the KMS host to 127.0.0.1",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -35,7 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return run(load_config(args.config))
+        config = load_config(args.config)
+        if args.inside_image:
+            try:
+                prepare_image(config)
+            except (OSError, ValueError) as exc:  # the kernel refused, or /etc/hosts
+                print(f"python -m enclave: network setup failed: {exc}", file=sys.stderr)
+                return 2
+        return run(config)
     except (EnclaveError, ProtocolError) as exc:
         print(f"python -m enclave: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

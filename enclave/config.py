@@ -12,7 +12,10 @@ change it; locally it sits in the state folder. Keys::
                      127.0.0.1 in the image's /etc/hosts, so TLS ends inside the enclave),
                      http://127.0.0.1:{port} for the local KMS; with "nsm": "device" it must
                      be https (over plain http the parent could answer Decrypt itself, with a
-                     data key of its choosing wrapped to the enclave's attested RSA key)
+                     data key of its choosing wrapped to the enclave's attested RSA key), and
+                     its host kms.REGION.amazonaws.com or kms-fips.REGION.amazonaws.com for
+                     the configured region (the image's entry point maps that host to the
+                     loopback forwarder: enclave/netif.py)
     region           the AWS region of the KMS key
     bundle           the bundle name the streamer serves
     model_id         the model the bundle must hold (pinned)
@@ -45,7 +48,14 @@ from enclave.errors import ConfigError
 from protocol.errors import ConfigError as AddressError
 from protocol.transport import VMADDR_CID_ANY, Address, parse_address
 
-__all__ = ["MAX_CONFIG_SIZE", "EnclaveConfig", "InvalidConfig", "load_config", "parse_config"]
+__all__ = [
+    "MAX_CONFIG_SIZE",
+    "EnclaveConfig",
+    "InvalidConfig",
+    "kms_hosts",
+    "load_config",
+    "parse_config",
+]
 
 MAX_CONFIG_SIZE: Final = 64 * 1024
 MAX_CONCURRENCY: Final = 64
@@ -117,6 +127,11 @@ class EnclaveConfig:
         """The emulator's state folder, or ``None`` for the real device."""
         return None if self.nsm == "device" else Path(self.nsm)
 
+    @property
+    def kms_host(self) -> str:
+        """The host name of ``kms_endpoint`` (``kms.REGION.amazonaws.com`` on AWS)."""
+        return _host(self.kms_endpoint)
+
     def kms_endpoint_url(self, port: int) -> str:
         """``kms_endpoint`` with the loopback forwarder's ``port`` filled in."""
         return self.kms_endpoint.replace("{port}", str(port))
@@ -176,6 +191,15 @@ def parse_config(data: bytes) -> EnclaveConfig:
         # (4) on real hardware only TLS (ending inside the enclave) keeps the parent out of the
         # KMS conversation: over http it could forge the Decrypt answer and choose the data key
         raise InvalidConfig("kms_endpoint", 'must be https:// when "nsm" is "device"')
+    if nsm == "device" and _host(endpoint) not in kms_hosts(region):
+        # (5) and TLS to the KMS of the key's region: the image's entry point resolves this host
+        # to the loopback forwarder (enclave/netif.py), and the certificate must be KMS's
+        allowed = " or ".join(kms_hosts(region))
+        raise InvalidConfig(
+            "kms_endpoint",
+            f'with "nsm": "device" the host must be {allowed} (the KMS of region {region!r}), '
+            f"not {_host(endpoint)!r}",
+        )
     return EnclaveConfig(
         control=_address(value, "control", allow_any_cid=True),
         bundle_streamer=_address(value, "bundle_streamer"),
@@ -270,6 +294,18 @@ def _endpoint(value: dict[str, object]) -> str:
             "must be http(s)://HOST:{port}, with {port} where the forwarder's port goes",
         )
     return item
+
+
+def _host(endpoint: str) -> str:
+    match = _ENDPOINT.fullmatch(endpoint)
+    return match["host"] if match is not None else ""
+
+
+def kms_hosts(region: str) -> tuple[str, ...]:
+    """KMS's endpoint host names in ``region``: standard and FIPS (AWS General Reference, "AWS
+    Key Management Service endpoints"); the China regions are under amazonaws.com.cn."""
+    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    return (f"kms.{region}.{suffix}", f"kms-fips.{region}.{suffix}")
 
 
 def _digest(value: dict[str, object]) -> bytes | None:

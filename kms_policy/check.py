@@ -55,8 +55,11 @@ Rules (stable ids; severity in brackets):
 - KP008 [error] a value compared with an attestation key is all zero: a debug-mode enclave.
 - KP009 [error] the allowed measurements differ from ``expect`` (an image no expected set names
   can decrypt, or no expected set can decrypt; a warning when only some expected sets cannot).
+  Also an expected image with another value of a PCR that PCR0 does not determine (PCR3 role,
+  PCR4 instance, PCR8 signing certificate): one Allow listing two images' PCR0 and PCR8 lets
+  image A decrypt when signed with B's certificate, a combination no expected set names.
 - KP010 [warning] the policy pins fewer PCRs than ``expect``: the image matches, another PCR
-  is free.
+  is free (or is another expected set's PCR1/PCR2, which PCR0 rules out).
 - KP011 [error] no explicit Deny of kms:Decrypt without attestation (``Null`` on ImageSha384).
 - KP012 [warning] a condition operator this evaluator does not know (evaluated fail-closed).
 - KP013 [warning] NotPrincipal (AWS advises against it; its Deny semantics are subtle).
@@ -121,6 +124,11 @@ RULES: dict[str, str] = {
 }
 
 _HEX96 = re.compile(r"[0-9a-fA-F]{96}")
+# PCR0 hashes the whole image, so it fixes PCR1 and PCR2 (parts of the image); it does not fix the
+# parent's IAM role (PCR3), the instance (PCR4) or the signing certificate (PCR8): an image can be
+# signed by anyone and run anywhere (AWS Nitro Enclaves User Guide, "Cryptographic attestation",
+# the PCR table)
+_NOT_IN_PCR0 = (3, 4, 8)
 _ACCOUNT = re.compile(r"\d{12}")
 _MAX_COMBINATIONS = 4096
 _UNATTESTED_KEY_ACTIONS = ("kms:Decrypt", "kms:ReEncryptFrom", "kms:ReEncryptTo")
@@ -424,15 +432,49 @@ def _compare(
     elif missing:
         message = f"expected set(s) {missing} of {len(expected)} cannot decrypt"
         yield Finding("KP009", "warning", message, None)
+    allowed_keys = {_key(combination) for combination, _ in allowed}
     for combination, statement in allowed:
         if any(consistent(combination, pcrs) for pcrs in expected):
             continue
-        if any(combination.get(0) == pcrs.get(0, combination.get(0)) for pcrs in expected):
+        same_image = [
+            pcrs for pcrs in expected if combination.get(0) == pcrs.get(0, combination.get(0))
+        ]
+        if not same_image:
+            message = f"a measurement in no expected set can decrypt: {_show(combination)}"
+            yield Finding("KP009", "error", message, statement)
+        elif any(not _mixed(combination, pcrs, allowed_keys) for pcrs in same_image):
             message = f"an expected image decrypts with other PCR values: {_show(combination)}"
             yield Finding("KP010", "warning", message, statement)
         else:
-            message = f"a measurement in no expected set can decrypt: {_show(combination)}"
+            mixed = (_mixed(combination, pcrs, allowed_keys) for pcrs in same_image)
+            indexes = sorted(set().union(*mixed))
+            which = ", ".join(f"PCR{i}" for i in indexes)
+            message = (
+                f"an expected image decrypts with another value of {which}, which its PCR0 does "
+                f"not determine (one Allow listing several images' values?): {_show(combination)}"
+            )
             yield Finding("KP009", "error", message, statement)
+
+
+def _key(combination: Mapping[int, str]) -> tuple[tuple[int, str], ...]:
+    return tuple(sorted(combination.items()))
+
+
+def _mixed(
+    combination: Mapping[int, str],
+    pcrs: Mapping[int, str],
+    allowed: set[tuple[tuple[int, str], ...]],
+) -> set[int]:
+    """The PCRs outside PCR0's reach (:data:`_NOT_IN_PCR0`) on which ``combination`` has another
+    value than ``pcrs`` *and* the policy pins them: the same combination with that PCR set to any
+    other value is refused. A PCR the policy leaves free is KP010's case, not a mixture."""
+    return {
+        index
+        for index in _NOT_IN_PCR0
+        if index in pcrs
+        and combination.get(index, OTHER) not in (OTHER, pcrs[index])
+        and _key({**combination, index: OTHER}) not in allowed
+    }
 
 
 def _show(combination: Mapping[int, str]) -> str:

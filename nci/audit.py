@@ -38,7 +38,7 @@ from attestation.report import AuditReport, audit
 from attestation.roots import TrustRoot
 from kms_policy import KeyPolicy, check
 from kms_policy.errors import KmsPolicyError
-from nci._aws import client
+from nci._aws import client, region_of
 
 __all__ = ["add_parser"]
 
@@ -111,7 +111,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--provider", metavar="ARN", help="who seals (the one principal that may make data keys)"
     )
     p.add_argument("--endpoint-url", help="KMS endpoint, with --key-id")
-    p.add_argument("--region", help="AWS region, with --key-id (default: us-east-1)")
+    p.add_argument(
+        "--region",
+        help="AWS region, with --key-id (default: the key ARN's, else the AWS environment's)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_policy_command)
 
@@ -119,10 +122,17 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "eif",
         help="print the PCRs of an enclave image file, as nitro-cli's Measurements",
         description="Read an EIF strictly and print PCR0, PCR1, PCR2 (and PCR8 if signed) in the "
-        "shape of nitro-cli build-enclave's Measurements, which --expect accepts.",
+        "shape of nitro-cli build-enclave's Measurements, which --expect accepts. --json prints "
+        "the Measurements object itself; --json --nitro-cli wraps it as nitro-cli build-enclave "
+        'prints it, {"Measurements": {...}}, so that the two outputs can be diffed.',
     )
     e.add_argument("file", metavar="FILE", type=Path, help="enclave image file (.eif)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument(
+        "--nitro-cli",
+        action="store_true",
+        help='with --json: the whole nitro-cli build-enclave output, {"Measurements": {...}}',
+    )
     e.set_defaults(handler=_eif_command)
 
 
@@ -175,6 +185,9 @@ def _policy_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def _eif_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     path: Path = args.file
+    if args.nitro_cli and not args.json:
+        print("nci audit eif: --nitro-cli is an output shape of --json", file=err)
+        return EXIT_USAGE
     try:
         with path.open("rb") as fh:
             image = read_eif(fh)
@@ -188,7 +201,9 @@ def _eif_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     for index, value in sorted(image.pcrs.items()):
         measurements[f"PCR{index}"] = value.hex()
     if args.json:
-        json.dump(measurements, out, indent=2)
+        # nitro-cli prints a BTreeMap with serde_json's pretty printer: sorted keys, two spaces
+        document = {"Measurements": measurements} if args.nitro_cli else measurements
+        json.dump(document, out, indent=2, sort_keys=True)
         out.write("\n")
     else:
         for key, text in measurements.items():
@@ -202,8 +217,9 @@ def _policy_text(args: argparse.Namespace) -> str:
             return _read_small(args.policy, "key policy").decode("utf-8")
         except UnicodeDecodeError:
             raise UsageError(f"key policy {args.policy} is not UTF-8") from None
-    kms = client("kms", endpoint_url=args.endpoint_url, region=args.region)
     try:
+        region = args.region or region_of(args.key_id)
+        kms = client("kms", endpoint_url=args.endpoint_url, region=region)
         answer = kms.get_key_policy(KeyId=args.key_id, PolicyName="default")
     except (ClientError, BotoCoreError) as exc:
         raise UsageError(f"cannot fetch the policy of {args.key_id}: {exc}") from None

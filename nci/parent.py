@@ -92,7 +92,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="a bundle folder or s3://BUCKET/PREFIX, under the name the enclave asks for",
     )
     serve.add_argument("--endpoint-url", help="S3 endpoint (the local moto server, for example)")
-    serve.add_argument("--region", default="us-east-1", help="AWS region (default: us-east-1)")
+    serve.add_argument("--region", help="AWS region (default: the AWS environment's)")
     serve.set_defaults(handler=_serve_bundles)
 
 

@@ -5,15 +5,19 @@ It compares what is deployed with the ``deployment`` section of the parent's con
 
 1. ``eif``: the AWS launcher's image file measures to ``deployment.expected``
    (:func:`attestation.eif.measure_eif`, the PCRs Nitro will put in the attestation document);
-2. ``kms``: the key policy (``GetKeyPolicy``) passes :func:`kms_policy.check` with the expected
+2. ``launcher``: the AWS launcher's sizes can boot that image: ``memory_mib`` at least 4 × the
+   EIF's size in MiB, rounded up (what ``nitro-cli run-enclave`` requires), and ``cpu_count`` even
+   and at least 2 (an enclave takes whole cores: both hyperthreads of each);
+3. ``kms``: the key policy (``GetKeyPolicy``) passes :func:`kms_policy.check` with the expected
    measurements, plus ``deployment.rollout``'s during a rollout: ``kms:Decrypt`` only for them;
-3. ``bundle NAME``: each sealed bundle is published: ``HeadObject`` on the S3 manifest, which
+4. ``bundle NAME``: each sealed bundle is published: ``HeadObject`` on the S3 manifest, which
    ``nci provider publish`` uploads last (the key :class:`parent.bundlesource.S3Source` reads),
    or the manifest file of a folder source.
 
 Nothing is written or started. AWS errors (AccessDenied, NotFound, timeouts) are failed checks that
 name the error code, never tracebacks; the clients have bounded timeouts and retries
-(:mod:`nci._aws`). Exit status: 0 every check passed, 1 one failed, 2 a bad configuration.
+(:mod:`nci._aws`). Exit status: 0 every check passed, 1 one failed or none ran (every check
+skipped: "nothing checked" is no pass), 2 a bad configuration.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -41,9 +46,11 @@ from parent.config import (
 )
 from protocol.errors import ProtocolError
 
-__all__ = ["CHECKS", "Outcome", "add_check_parser", "preflight"]
+__all__ = ["CHECKS", "EIF_MEMORY_FACTOR", "Outcome", "add_check_parser", "preflight"]
 
-CHECKS = ("eif", "kms", "bundles")
+CHECKS = ("eif", "launcher", "kms", "bundles")
+EIF_MEMORY_FACTOR = 4  # nitro-cli run-enclave: memory at least 4 x the EIF file size
+MIB = 1024 * 1024
 Status = Literal["ok", "FAIL", "skip"]
 ClientFactory = Callable[[str], Any]  # "kms" or "s3" -> a boto3 client
 
@@ -66,7 +73,8 @@ def add_check_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "check",
         help="read-only preflight: the EIF's PCRs, the key policy, the published bundles",
         description="Compare the deployment with parent.yaml's deployment section before "
-        "starting the services. Exit 0 all passed, 1 a check failed, 2 a bad configuration.",
+        "starting the services. Exit 0 all passed, 1 a check failed (or every check was "
+        "skipped), 2 a bad configuration.",
     )
     parser.add_argument("--config", required=True, type=Path, metavar="FILE")
     parser.add_argument(
@@ -74,7 +82,9 @@ def add_check_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     )
     parser.add_argument("--endpoint-url", help="KMS and S3 endpoint (a local one, for example)")
     parser.add_argument(
-        "--region", help="AWS region (default: the key ARN's, else bundles.region, else us-east-1)"
+        "--region",
+        help="AWS region (default: the key ARN's, else bundles.region, else the AWS "
+        "environment's: AWS_REGION, AWS_DEFAULT_REGION or the profile's)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=_check_command)
@@ -99,15 +109,25 @@ def _check_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     outcomes = preflight(config, client=factory, skip=args.skip)
     failed = any(o.status == "FAIL" for o in outcomes)
+    # every check skipped: nothing was verified, which must not read as a pass
+    nothing = not any(o.status != "skip" for o in outcomes)
     if args.json:
-        json.dump({"ok": not failed, "checks": [o.to_json() for o in outcomes]}, out, indent=2)
+        document: dict[str, Any] = {
+            "ok": not (failed or nothing),
+            "checks": [o.to_json() for o in outcomes],
+        }
+        if nothing:
+            document["error"] = "nothing checked"
+        json.dump(document, out, indent=2)
         out.write("\n")
     else:
         for outcome in outcomes:
             line = f"{outcome.status:<4}  {outcome.name}: {outcome.detail}"
             # a policy's text reaches the terminal through the findings: escape what it interprets
             out.write("".join(c if c.isprintable() else repr(c)[1:-1] for c in line) + "\n")
-    return 1 if failed else 0
+    if nothing:
+        print("nci parent check: nothing checked (every check was skipped)", file=err)
+    return 1 if failed or nothing else 0
 
 
 def _region(config: ParentConfig, service: str) -> str | None:
@@ -130,6 +150,12 @@ def preflight(
         outcomes.append(check_eif(config.launcher.eif_path, deployment))
     else:
         outcomes.append(Outcome("eif", "skip", "no launcher.aws section: no image to measure"))
+    if "launcher" in skip:
+        outcomes.append(Outcome("launcher", "skip", "--skip launcher"))
+    elif isinstance(config.launcher, AwsLauncherConfig):
+        outcomes.append(check_launcher(config.launcher))
+    else:
+        outcomes.append(Outcome("launcher", "skip", "no launcher.aws section: no enclave to size"))
     if "kms" in skip:
         outcomes.append(Outcome("kms", "skip", "--skip kms"))
     elif deployment is None:
@@ -173,8 +199,40 @@ def check_eif(path: Path, deployment: DeploymentConfig | None) -> Outcome:
     return Outcome(name, "ok", f"{path}: {pinned} match deployment.expected", {"pcrs": actual})
 
 
+def check_launcher(launcher: AwsLauncherConfig) -> Outcome:
+    """(2) The enclave's sizes against the image: ``nitro-cli run-enclave`` refuses less memory
+    than 4 × the EIF, and an enclave takes whole cores (an even vCPU count)."""
+    name = "launcher"
+    path = launcher.eif_path
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return Outcome(name, "FAIL", f"cannot size {path}: {exc.strerror or type(exc).__name__}")
+    eif_mib = math.ceil(size / MIB)
+    needed = EIF_MEMORY_FACTOR * eif_mib
+    data = {"eif_mib": eif_mib, "memory_mib": launcher.memory_mib, "cpu_count": launcher.cpu_count}
+    problems = []
+    if launcher.memory_mib < needed:
+        problems.append(
+            f"launcher.aws.memory_mib is {launcher.memory_mib}; the {eif_mib} MiB image needs at "
+            f"least {EIF_MEMORY_FACTOR} x {eif_mib} = {needed} (plus the model's plaintext)"
+        )
+    if launcher.cpu_count < 2 or launcher.cpu_count % 2:
+        problems.append(
+            f"launcher.aws.cpu_count is {launcher.cpu_count}; an enclave takes whole cores: "
+            "an even count, at least 2"
+        )
+    if problems:
+        return Outcome(name, "FAIL", "; ".join(problems), data)
+    detail = (
+        f"{launcher.memory_mib} MiB >= {EIF_MEMORY_FACTOR} x {eif_mib} MiB image, "
+        f"{launcher.cpu_count} vCPUs"
+    )
+    return Outcome(name, "ok", detail, data)
+
+
 def check_key_policy(kms: Callable[[], Any], deployment: DeploymentConfig) -> Outcome:
-    """(2) The key policy, through the same linter as ``nci audit policy``."""
+    """(3) The key policy, through the same linter as ``nci audit policy``."""
     name = "kms"
     key = deployment.key_id
     try:
@@ -207,7 +265,7 @@ def check_key_policy(kms: Callable[[], Any], deployment: DeploymentConfig) -> Ou
 
 
 def check_bundle(name: str, source: BundleSourceConfig, s3: Callable[[], Any]) -> Outcome:
-    """(3) The sealed bundle is published: its manifest is there."""
+    """(4) The sealed bundle is published: its manifest is there."""
     label = f"bundle {name}"
     if source.folder is not None:
         manifest = source.folder / MANIFEST_NAME

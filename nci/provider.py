@@ -20,7 +20,7 @@ from attestation.errors import AttestationError
 from attestation.expectations import load_expectations
 from kms_policy import generate
 from kms_policy.errors import KmsPolicyError
-from nci._aws import client
+from nci._aws import client, region_of
 from nci.train import add_train_commands
 from protocol.bundle import DEFAULT_CHUNK_SIZE
 from protocol.errors import ProtocolError
@@ -67,7 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     create.add_argument("--description", default="nci sealed-model data keys")
     create.add_argument("--endpoint-url", help="KMS endpoint (the local KMS, for example)")
-    create.add_argument("--region", help="AWS region (default: us-east-1)")
+    create.add_argument("--region", help="AWS region (default: the AWS environment's)")
     create.add_argument("--json", action="store_true", help="print one JSON object")
     create.set_defaults(handler=_create_key)
 
@@ -93,7 +93,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="extra encryption context (repeatable; nci:model and nci:bundle are always set)",
     )
     seal_cmd.add_argument("--endpoint-url", help="KMS endpoint (the local KMS, for example)")
-    seal_cmd.add_argument("--region", help="AWS region (default: us-east-1)")
+    seal_cmd.add_argument(
+        "--region", help="AWS region (default: the --kms-key ARN's, else the AWS environment's)"
+    )
     seal_cmd.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
     seal_cmd.set_defaults(handler=_seal)
 
@@ -101,7 +103,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     publish_cmd.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
     publish_cmd.add_argument("url", metavar="s3://BUCKET/PREFIX")
     publish_cmd.add_argument("--endpoint-url", help="S3 endpoint (the local KMS serves S3 too)")
-    publish_cmd.add_argument("--region", help="AWS region (default: us-east-1)")
+    publish_cmd.add_argument("--region", help="AWS region (default: the AWS environment's)")
     publish_cmd.set_defaults(handler=_publish)
 
     inspect_cmd = commands.add_parser("inspect", help="summarise a bundle's manifest")
@@ -134,8 +136,8 @@ def _create_key(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     except (AttestationError, KmsPolicyError, ValueError) as exc:
         print(f"nci provider create-key: {exc}", file=err)
         return 2
-    kms = client("kms", endpoint_url=args.endpoint_url, region=args.region)
     try:
+        kms = client("kms", endpoint_url=args.endpoint_url, region=args.region)
         answer = kms.create_key(
             Policy=policy.to_json(),
             Description=args.description,
@@ -170,7 +172,8 @@ def _pair(item: str) -> tuple[str, str]:
 def _seal(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         context = dict(_pair(item) for item in args.context)
-        kms = client("kms", endpoint_url=args.endpoint_url, region=args.region)
+        region = args.region or region_of(args.kms_key)
+        kms = client("kms", endpoint_url=args.endpoint_url, region=region)
         seal(
             args.model,
             kms_client=kms,
@@ -182,7 +185,7 @@ def _seal(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             progress=_progress_bar(err, "sealing"),
         )
         summary = inspect(args.out)
-    except (ProviderError, ProtocolError, ValueError) as exc:
+    except (ProviderError, ProtocolError, ValueError, BotoCoreError) as exc:
         print(f"nci provider seal: {exc}", file=err)
         return 2
     if args.json:

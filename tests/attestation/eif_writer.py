@@ -1,8 +1,10 @@
 """A test-only EIF writer: spec-conformant images, and the knobs to break them.
 
-Layout as aws-nitro-enclaves-image-format's ``EifBuilder`` writes it: the 548-byte header, then
-each section (12-byte header and data) back to back, the CRC32 over the header without its CRC
-field and every section in order.
+Layout as aws-nitro-enclaves-image-format's ``EifBuilder`` writes it (src/utils/mod.rs,
+``sections_offsets`` and ``compute_crc``): the 548-byte header, then each section (12-byte header
+and data) back to back in the order kernel, cmdline, metadata, ramdisks, signature; the CRC32 over
+the header without its CRC field and every section in order. nitro-cli always writes the metadata
+section; :func:`default_sections` leaves it out unless asked, to keep the images small.
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ def signature_section(pem: bytes, signature: bytes = b"\xd2cose") -> bytes:
 def default_sections(
     *, pem: bytes | None = None, metadata: bool = False, ramdisks: int = 2
 ) -> list[Section]:
+    """Sections in nitro-cli's order: kernel, cmdline, metadata, ramdisks, signature."""
     sections = [
         Section(KERNEL, b"\x7fELF kernel " * 40),
         Section(CMDLINE, b"reboot=k panic=30 pci=off console=ttyS0"),
     ]
-    sections += [Section(RAMDISK, bytes([n]) * (3000 + n)) for n in range(ramdisks)]
     if metadata:
         sections.append(Section(METADATA, b'{"ImageName":"test","ImageVersion":"1.0"}'))
+    sections += [Section(RAMDISK, bytes([n]) * (3000 + n)) for n in range(ramdisks)]
     if pem is not None:
         sections.append(Section(SIGNATURE, signature_section(pem)))
     return sections

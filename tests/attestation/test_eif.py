@@ -82,6 +82,20 @@ def test_measurements_equal_an_independent_computation() -> None:
     ]
 
 
+def test_reads_sections_in_the_order_nitro_cli_writes_them() -> None:
+    # EifBuilder (aws-nitro-enclaves-image-format src/utils/mod.rs): kernel, cmdline, metadata,
+    # ramdisks, signature
+    image = read_eif(build_eif(default_sections(pem=PEM, metadata=True)))
+    assert [s.type for s in image.sections] == [
+        SectionType.KERNEL,
+        SectionType.CMDLINE,
+        SectionType.METADATA,
+        SectionType.RAMDISK,
+        SectionType.RAMDISK,
+        SectionType.SIGNATURE,
+    ]
+
+
 def test_signed_image_measures_the_certificate_der_in_pcr8() -> None:
     sections = default_sections(pem=PEM, metadata=True)
     pcrs = measure_eif(build_eif(sections))
@@ -269,6 +283,34 @@ def test_cli_json_is_loaded_by_expectations(tmp_path: Path) -> None:
     expect.write_text(out)
     [pcr_set] = load_expectations(expect)
     assert pcr_set.values == measure_eif(path.read_bytes())
+
+
+def test_cli_nitro_cli_shape_diffs_clean_against_nitro_clis_output(tmp_path: Path) -> None:
+    path = tmp_path / "image.eif"
+    path.write_bytes(build_eif(default_sections(pem=PEM, metadata=True)))
+    pcrs = measure_eif(path.read_bytes())
+    # what `nitro-cli build-enclave` prints: serde_json's pretty printer over a BTreeMap
+    nitro_cli = json.dumps(
+        {"Measurements": {"HashAlgorithm": "Sha384 { ... }"}
+         | {f"PCR{i}": v.hex() for i, v in pcrs.items()}},
+        indent=2,
+        sort_keys=True,
+    )  # fmt: skip
+    status, out, _ = run("audit", "eif", str(path), "--json", "--nitro-cli")
+    assert status == 0
+    assert out == nitro_cli + "\n"
+    expect = tmp_path / "measurements.json"
+    expect.write_text(out)
+    [pcr_set] = load_expectations(expect)  # --expect takes it as is
+    assert pcr_set.values == pcrs
+
+
+def test_cli_nitro_cli_shape_needs_json(tmp_path: Path) -> None:
+    path = tmp_path / "image.eif"
+    path.write_bytes(build_eif(default_sections()))
+    status, out, err = run("audit", "eif", str(path), "--nitro-cli")
+    assert (status, out) == (2, "")
+    assert "--json" in err
 
 
 def test_cli_human_output_is_also_an_expectation(tmp_path: Path) -> None:

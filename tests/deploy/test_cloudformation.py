@@ -197,10 +197,24 @@ def _actions(statement: dict[str, Any]) -> list[str]:
     return found
 
 
+SSM_CORE = "AmazonSSMManagedInstanceCore"
+
+
+def _managed_policy(name: str) -> dict[str, Any]:
+    """An AWS managed policy's document, from moto's snapshot of AWS's managed policies."""
+    from moto.iam.aws_managed_policies import aws_managed_policies_data
+
+    document: dict[str, Any] = json.loads(aws_managed_policies_data)[name]["Document"]
+    return document
+
+
 def test_instance_role_has_no_kms_action(template: dict[str, Any]) -> None:
     resources = template["Resources"]
     role = resources["InstanceRole"]["Properties"]
-    assert "ManagedPolicyArns" not in role
+    # the one managed policy: Session Manager's (the runbook's shell and port forwarding)
+    assert role["ManagedPolicyArns"] == [
+        {"Fn::Sub": f"arn:${{AWS::Partition}}:iam::aws:policy/{SSM_CORE}"}
+    ]
     actions = [
         action
         for policy in role["Policies"]
@@ -210,6 +224,12 @@ def test_instance_role_has_no_kms_action(template: dict[str, Any]) -> None:
     assert actions
     assert not [a for a in actions if a.lower().startswith("kms:") or "*" in a]
     assert "NotAction" not in json.dumps(role["Policies"])
+    managed = _managed_policy(SSM_CORE)["Statement"]
+    assert all(statement["Effect"] == "Allow" for statement in managed)
+    granted = [action for statement in managed for action in _actions(statement)]
+    assert granted
+    assert {a.split(":")[0] for a in granted} == {"ssm", "ssmmessages", "ec2messages"}
+    assert "NotAction" not in json.dumps(managed)
     # and no other IAM policy in the stack attaches to it
     kinds = {resource["Type"] for resource in resources.values()}
     assert not kinds & {"AWS::IAM::Policy", "AWS::IAM::ManagedPolicy", "AWS::IAM::RolePolicy"}
@@ -226,3 +246,77 @@ def test_instance_and_bucket_settings(template: dict[str, Any]) -> None:
     assert bucket["VersioningConfiguration"] == {"Status": "Enabled"}
     assert bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"]
     assert set(template["Outputs"]) == {"BucketName", "KeyArn", "RoleArn", "InstanceId"}
+
+
+def test_rejects_replacing_the_instance_on_a_pcr_update(template: dict[str, Any]) -> None:
+    # an AWS::SSM::Parameter::Value<...> parameter is re-resolved on every update: a newer AL2023
+    # AMI would then replace the instance, and its running enclave, when only PCRs change
+    image = template["Parameters"]["ImageId"]
+    assert image["Type"] == "AWS::EC2::Image::Id"
+    assert "Default" not in image  # resolved once by the runbook, then reused on updates
+    assert template["Resources"]["ParentInstance"]["Properties"]["ImageId"] == {"Ref": "ImageId"}
+    # the PCR parameters reach the key policy and nothing else
+    pcr_names = {f"PCR{i}" for i in (0, 1, 2)} | {f"NextPcr{i}" for i in (0, 1, 2)}
+    for name, resource in template["Resources"].items():
+        if name != "WeightsKey":
+            assert not pcr_names & _refs(resource), name
+    key = template["Resources"]["WeightsKey"]
+    assert not pcr_names & _refs({k: v for k, v in key["Properties"].items() if k != "KeyPolicy"})
+
+
+def _refs(node: Any) -> set[str]:
+    if isinstance(node, list):
+        return set().union(*(_refs(item) for item in node)) if node else set()
+    if isinstance(node, dict):
+        found = {node["Ref"]} if set(node) == {"Ref"} else set()
+        return found.union(*(_refs(value) for value in node.values()))
+    return set()
+
+
+@pytest.mark.parametrize("name", ["WeightsKey", "BundleBucket"])
+def test_rejects_deleting_the_key_or_the_bundles_with_the_stack(
+    template: dict[str, Any], name: str
+) -> None:
+    resource = template["Resources"][name]
+    assert resource["DeletionPolicy"] == "Retain"
+    assert resource["UpdateReplacePolicy"] == "Retain"
+
+
+def test_rejects_bucket_requests_without_tls(template: dict[str, Any]) -> None:
+    policies = [
+        r["Properties"]
+        for r in template["Resources"].values()
+        if r["Type"] == "AWS::S3::BucketPolicy"
+    ]
+    assert len(policies) == 1
+    assert policies[0]["Bucket"] == {"Ref": "BundleBucket"}
+    [statement] = policies[0]["PolicyDocument"]["Statement"]
+    assert statement["Effect"] == "Deny"
+    assert statement["Principal"] == "*"
+    assert statement["Action"] == "s3:*"
+    assert statement["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    assert statement["Resource"] == [
+        {"Fn::GetAtt": ["BundleBucket", "Arn"]},
+        {"Fn::Sub": "${BundleBucket.Arn}/*"},
+    ]
+
+
+# GiB of memory per allowed instance type (EC2 instance type specifications)
+INSTANCE_MEMORY_GIB = {
+    "m5.xlarge": 16, "m5.2xlarge": 32, "m5.4xlarge": 64,
+    "c5.xlarge": 8, "c5.2xlarge": 16, "c5.4xlarge": 32,
+    "r5.xlarge": 32, "r5.2xlarge": 64,
+    "m6i.xlarge": 16, "m6i.2xlarge": 32,
+    "c6i.xlarge": 8, "c6i.2xlarge": 16,
+    "r6i.xlarge": 32,
+}  # fmt: skip
+
+
+def test_rejects_instance_types_too_small_for_the_enclave_and_the_parent(
+    template: dict[str, Any],
+) -> None:
+    parameter = template["Parameters"]["InstanceType"]
+    allowed = parameter["AllowedValues"]
+    assert parameter["Default"] in allowed
+    assert set(allowed) <= set(INSTANCE_MEMORY_GIB), "add the new type's memory to the table"
+    assert all(INSTANCE_MEMORY_GIB[t] >= 16 for t in allowed), allowed

@@ -141,7 +141,7 @@ def test_every_service_is_hardened(name: str) -> None:
 def test_rejects_running_the_enclave_before_its_relay() -> None:
     enclave, bridge = unit("nci-enclave.service"), unit("nci-bridge.service")
     assert "nci-relay.service" in words(enclave, "Unit", "After")
-    assert "nci-relay.service" in words(enclave, "Unit", "Requires")
+    assert "nci-relay.service" in words(enclave, "Unit", "Wants")
     assert "nci-enclave.service" in words(bridge, "Unit", "After")
     target = unit("nci.target")
     split = {"nci-relay.service", "nci-enclave.service", "nci-bridge.service"}
@@ -152,6 +152,22 @@ def test_rejects_running_the_enclave_before_its_relay() -> None:
         assert words(sections, "Unit", "PartOf") == {"nci.target"}, name
         assert words(sections, "Install", "WantedBy") == {"nci.target"}, name
     assert words(unit("nci-parent.service"), "Install", "WantedBy") == {"multi-user.target"}
+
+
+def test_rejects_restarting_the_relay_stopping_the_enclave() -> None:
+    # Requires= (or BindsTo=, PartOf= on the relay) would propagate a relay restart or stop to the
+    # launcher unit, whose stop terminates the running enclave
+    enclave = unit("nci-enclave.service")
+    for key in ("Requires", "BindsTo", "PartOf", "Requisite"):
+        assert "nci-relay.service" not in words(enclave, "Unit", key), key
+        assert "vsock-proxy.service" not in words(enclave, "Unit", key), key
+    assert words(enclave, "Unit", "Requires") <= {"nitro-enclaves-allocator.service"}
+    for name in ("nci-relay.service", "nci-bridge.service", "vsock-proxy.service"):
+        sections = unit(name)
+        for key in ("Requires", "BindsTo", "Requisite", "PropagatesStopTo"):
+            assert "nci-enclave.service" not in words(sections, "Unit", key), (name, key)
+        for key in ("RequiredBy", "UpheldBy"):
+            assert "nci-enclave.service" not in words(sections, "Install", key), (name, key)
 
 
 def test_vsock_proxy_forwards_only_to_the_kms_endpoint() -> None:

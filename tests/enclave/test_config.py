@@ -82,3 +82,51 @@ def test_rejects_a_bad_runtime_choice(changes: dict[str, Any], key: str) -> None
     with pytest.raises(InvalidConfig) as info:
         parse_config(aws_config(**changes))
     assert info.value.key == key
+
+
+@pytest.mark.parametrize(
+    "host", ["kms.us-east-1.amazonaws.com", "kms-fips.us-east-1.amazonaws.com"]
+)
+def test_accepts_the_kms_endpoint_of_the_configured_region_with_the_real_nsm(host: str) -> None:
+    config = parse_config(aws_config(kms_endpoint=f"https://{host}:{{port}}"))
+    assert config.kms_host == host
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "kms.eu-west-1.amazonaws.com",  # another region: the key is not there
+        "kms.us-east-1.amazonaws.com.example.net",  # a look-alike
+        "example.net",
+        "127.0.0.1",
+        "s3.us-east-1.amazonaws.com",
+    ],
+)
+def test_rejects_a_kms_endpoint_that_is_not_the_kms_of_the_region_with_the_real_nsm(
+    host: str,
+) -> None:
+    # the image's entry point maps this host to the loopback forwarder and boto3 verifies TLS
+    # against it: anything but the region's KMS would fail at boot, or talk to someone else
+    with pytest.raises(InvalidConfig) as caught:
+        parse_config(aws_config(kms_endpoint=f"https://{host}:{{port}}"))
+    assert caught.value.key == "kms_endpoint"
+    assert "kms.us-east-1.amazonaws.com" in str(caught.value)
+
+
+def test_china_regions_use_the_amazonaws_com_cn_kms_host() -> None:
+    arn = "arn:aws-cn:kms:cn-north-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    config = parse_config(
+        aws_config(
+            region="cn-north-1",
+            kms_key_arn=arn,
+            kms_endpoint="https://kms.cn-north-1.amazonaws.com.cn:{port}",
+        )
+    )
+    assert config.kms_host == "kms.cn-north-1.amazonaws.com.cn"
+
+
+def test_the_emulated_nsm_may_use_any_kms_host() -> None:
+    config = parse_config(
+        aws_config(kms_endpoint="http://127.0.0.1:{port}", nsm="emulated:/tmp/nci-state")
+    )
+    assert config.kms_host == "127.0.0.1"

@@ -222,6 +222,38 @@ def test_warns_when_policy_pins_fewer_pcrs_than_expected() -> None:
     assert "KP009" not in report.ids("error")
 
 
+SIGNED_A = {0: b"\x30" * 48, 1: b"\x31" * 48, 2: b"\x32" * 48, 8: b"\x38" * 48}
+SIGNED_B = {0: b"\x40" * 48, 1: b"\x41" * 48, 2: b"\x42" * 48, 8: b"\x48" * 48}
+
+
+def _one_allow_for_both(*indexes: int) -> KeyPolicy:
+    """One Allow listing both images' values per PCR: its conditions also match the mixtures."""
+    condition = {
+        f"kms:RecipientAttestation:PCR{i}": [SIGNED_A[i].hex(), SIGNED_B[i].hex()] for i in indexes
+    }
+    condition[IMAGE] = [SIGNED_A[0].hex(), SIGNED_B[0].hex()]
+    allow = _allow_role({"StringEqualsIgnoreCase": condition})
+    return KeyPolicy.from_json(_doc(allow, DENY_UNATTESTED))
+
+
+def test_rejects_one_allow_that_lets_image_a_decrypt_with_image_bs_signing_certificate() -> None:
+    # PCR0 does not determine PCR8: image A re-signed with B's certificate measures (A, cert B),
+    # a combination neither expected set names
+    report = check(_one_allow_for_both(0, 8), expect=[SIGNED_A, SIGNED_B], role_arn=ROLE)
+    assert not report.ok, report.summary()
+    mixed = [f for f in report.findings if f.id == "KP009" and "PCR8" in f.message]
+    assert mixed, report.summary()
+    assert all(f.severity == "error" for f in mixed)
+    assert "PCR0 does not determine" in mixed[0].message
+
+
+def test_one_allow_mixing_pcr1_and_pcr2_of_two_images_stays_a_warning() -> None:
+    # PCR0 hashes the image and so fixes PCR1 and PCR2: (A's PCR0, B's PCR1) never occurs
+    report = check(_one_allow_for_both(0, 1, 2), expect=[SIGNED_A, SIGNED_B], role_arn=ROLE)
+    assert report.ok, report.summary()
+    assert report.ids("warning") == {"KP010"}
+
+
 def test_one_of_two_expected_sets_missing_is_a_warning() -> None:
     report = check(GENERATED, expect=[MEASUREMENTS, {0: b"\x21" * 48}], role_arn=ROLE)
     assert "KP009" in report.ids("warning")

@@ -89,6 +89,7 @@ def test_create_key_for_a_rollout_lets_either_image_decrypt_and_audits_only_with
 ) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")  # the CLI has no built-in region
     images = {
         name: {f"PCR{i}": bytes([seed + i]) * 48 for i in (0, 1, 2)}
         for name, seed in (("old", 0x10), ("new", 0x20))

@@ -20,7 +20,7 @@ from attestation.eif import measure_eif
 from kms_policy import generate
 from nci.preflight import preflight
 from parent.config import load_config
-from tests.attestation.eif_writer import KERNEL, Section, build_eif, default_sections
+from tests.attestation.eif_writer import KERNEL, RAMDISK, Section, build_eif, default_sections
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
@@ -72,7 +72,14 @@ class Deployment:
         self.s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/chunks.bin", Body=b"sealed chunks")
         self.s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/manifest.cbor", Body=b"manifest")
 
-    def write_config(self, key_id: str, *, rollout: Mapping[int, bytes] | None = None) -> Path:
+    def write_config(
+        self,
+        key_id: str,
+        *,
+        rollout: Mapping[int, bytes] | None = None,
+        cpu_count: int = 2,
+        memory_mib: int = 4096,
+    ) -> Path:
         def pcrs(values: Mapping[int, bytes]) -> str:
             return ", ".join(f"PCR{i}: '{v.hex()}'" for i, v in sorted(values.items()))
 
@@ -81,7 +88,8 @@ class Deployment:
             f"enclave: {{control: 'unix://{self.root}/enclave.sock'}}\n"
             f"bundles:\n  listen: 'unix://{self.root}/bundles.sock'\n  region: {REGION}\n"
             f"  sources: {{model: {{s3: 's3://{BUCKET}/{PREFIX}'}}}}\n"
-            f"launcher:\n  aws: {{eif_path: {self.eif}, cpu_count: 2, memory_mib: 4096, cid: 16}}\n"
+            f"launcher:\n  aws: {{eif_path: {self.eif}, cpu_count: {cpu_count}, "
+            f"memory_mib: {memory_mib}, cid: 16}}\n"
             f"deployment:\n  key_id: '{key_id}'\n  expected: {{{pcrs(PCRS)}}}\n"
         )
         if rollout is not None:
@@ -114,12 +122,14 @@ def test_all_checks_pass_for_the_released_image_its_key_and_its_bundle(
     lines = out.splitlines()
     assert [line.split(":")[0] for line in lines] == [
         "ok    eif",
+        "ok    launcher",
         "ok    kms",
         "ok    bundle model",
     ]
     assert "PCR0, PCR1, PCR2 match deployment.expected" in lines[0]
-    assert "kms:Decrypt only with the attestation of deployment.expected" in lines[1]
-    assert f"s3://{BUCKET}/{PREFIX}/manifest.cbor is published" in lines[2]
+    assert "4096 MiB >= 4 x 1 MiB image, 2 vCPUs" in lines[1]
+    assert "kms:Decrypt only with the attestation of deployment.expected" in lines[2]
+    assert f"s3://{BUCKET}/{PREFIX}/manifest.cbor is published" in lines[3]
     status, checks = deployed.check()
     assert status == 0
     assert {c["status"] for c in checks.values()} == {"ok"}
@@ -216,7 +226,57 @@ def test_skipped_checks_are_reported_and_do_not_fail(deployed: Deployment) -> No
     deployed.write_config(f"arn:aws:kms:{REGION}:{ACCOUNT}:key/unreadable")
     status, checks = deployed.check("--skip", "kms", "--skip", "bundles")
     assert status == 0
-    assert [c["status"] for c in checks.values()] == ["ok", "skip", "skip"]
+    assert [c["status"] for c in checks.values()] == ["ok", "ok", "skip", "skip"]
+
+
+def test_rejects_a_run_where_every_check_was_skipped(deployed: Deployment) -> None:
+    deployed.write_config(f"arn:aws:kms:{REGION}:{ACCOUNT}:key/unreadable")
+    skips = [arg for name in ("eif", "launcher", "kms", "bundles") for arg in ("--skip", name)]
+    status, out, err = run("check", "--config", str(deployed.config), *skips)
+    assert status == 1
+    assert all(line.startswith("skip") for line in out.splitlines())
+    assert "nothing checked" in err
+    status, out, _ = run("check", "--config", str(deployed.config), "--json", *skips)
+    assert status == 1
+    document = json.loads(out)
+    assert (document["ok"], document["error"]) == (False, "nothing checked")
+
+
+@pytest.mark.parametrize(
+    ("memory_mib", "cpu_count", "message"),
+    [
+        (3, 2, "memory_mib is 3; the 1 MiB image needs at least 4 x 1 = 4"),
+        (4096, 1, "cpu_count is 1; an enclave takes whole cores"),
+        (4096, 3, "cpu_count is 3; an enclave takes whole cores"),
+    ],
+)
+def test_rejects_enclave_sizes_nitro_cli_would_refuse(
+    deployed: Deployment, memory_mib: int, cpu_count: int, message: str
+) -> None:
+    deployed.write_config(
+        deployed.create_key(key_policy(PCRS)), memory_mib=memory_mib, cpu_count=cpu_count
+    )
+    deployed.publish()
+    status, checks = deployed.check()
+    assert status == 1
+    assert checks["launcher"]["status"] == "FAIL"
+    assert message in checks["launcher"]["detail"]
+    assert checks["launcher"]["eif_mib"] == 1
+    assert checks["eif"]["status"] == "ok"
+
+
+def test_memory_rule_rounds_the_eif_size_up_to_whole_mib(deployed: Deployment) -> None:
+    # a 5 MiB + 1 byte image needs 4 x 6 MiB, not 4 x 5
+    big = build_eif([*default_sections(), Section(RAMDISK, b"\0" * (5 * 2**20 - len(IMAGE) + 1))])
+    deployed.eif.write_bytes(big)
+    assert len(big) > 5 * 2**20
+    deployed.write_config(deployed.create_key(key_policy(PCRS)), memory_mib=23)
+    status, checks = deployed.check("--skip", "eif")
+    assert checks["launcher"]["eif_mib"] == 6
+    assert "needs at least 4 x 6 = 24" in checks["launcher"]["detail"]
+    deployed.write_config(deployed.create_key(key_policy(PCRS)), memory_mib=24)
+    status, checks = deployed.check("--skip", "eif", "--skip", "kms", "--skip", "bundles")
+    assert (status, checks["launcher"]["status"]) == (0, "ok")
 
 
 class Refusing:
@@ -275,5 +335,6 @@ def test_without_a_deployment_section_the_key_check_fails(tmp_path: Path) -> Non
     assert status == 1
     assert out.splitlines() == [
         "skip  eif: no launcher.aws section: no image to measure",
+        "skip  launcher: no launcher.aws section: no enclave to size",
         "FAIL  kms: no deployment section (key_id, expected)",
     ]

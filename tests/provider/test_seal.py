@@ -459,7 +459,10 @@ def test_cli_seal_inspect_publish(
     assert out.splitlines() == [f"s3://{bucket}/cli/manifest.cbor", f"s3://{bucket}/cli/chunks.bin"]
 
 
-def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
+def test_cli_errors_are_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")  # the CLI has no built-in region
     (tmp_path / "model.bin").write_bytes(b"\x80")
     status, _, err = run(
         "provider", "seal", str(tmp_path / "model.bin"), "--kms-key", "k", "--model-id", "m",
