@@ -48,7 +48,7 @@ class AnyMALConfig:
     vit_heads: int = 4
     clip_dim: int = 128  # joint image–text space of the contrastive pretraining
     text_layers: int = 2  # CLIP text tower (training only, not shipped)
-    n_latents: int = 16  # visual tokens the resampler hands the LM
+    n_latents: int = 4  # visual tokens the resampler hands the LM: a square grid of latents
     resampler_layers: int = 3
     dim: int = 192  # LM (and resampler) width
     n_layers: int = 5  # LM depth
@@ -83,10 +83,14 @@ class AnyMALConfig:
             if not 0 < value <= 1_000_000:
                 raise InvalidWeights(f"config {name}={value} is out of range")
         config = cls(**raw)
+        if config.patch_size < 2 or config.patch_size & (config.patch_size - 1):
+            raise InvalidWeights("config: patch_size must be a power of two (the stem halves it)")
         if config.image_size % config.patch_size or config.dim % config.n_heads:
             raise InvalidWeights("config: patch_size must divide image_size, n_heads divide dim")
         if config.vit_dim % config.vit_heads:
             raise InvalidWeights("config: vit_heads must divide vit_dim")
+        if math.isqrt(config.n_latents) ** 2 != config.n_latents:
+            raise InvalidWeights("config: n_latents must be a square (the latents form a grid)")
         return config
 
 
@@ -153,11 +157,28 @@ class EncoderBlock(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """ViT: non-overlapping patches, learned 2-D (row + column) position embeddings."""
+    """ViT over a factorised patch embedding, with learned 2-D (row + column) position embeddings.
+
+    Each patch token is the sum of a *shape* feature and a *colour* feature. The shape feature
+    comes from a convolutional stem (Xiao et al., 2021: stride-2 3×3 convolutions in place of one
+    linear patch embedding) over the image's silhouette, the pixels lit in any channel, so it
+    cannot depend on colour. The colour feature is a linear map of the patch's mean colour over
+    its lit pixels and the share of its pixels lit. An RGB stem learned shape features entangled
+    with colour: a linear probe read the shape of held-out colour–shape combinations at 41–55 %
+    against 96–99 % for the combinations seen in training; see the model card.
+    """
 
     def __init__(self, cfg: AnyMALConfig) -> None:
         super().__init__()
-        self.patch = nn.Conv2d(3, cfg.vit_dim, cfg.patch_size, stride=cfg.patch_size)
+        self.patch_size = cfg.patch_size
+        layers: list[nn.Module] = [nn.Conv2d(1, 32, 3, padding=1), nn.GELU()]
+        width, size = 32, cfg.patch_size
+        while size > 2:  # log2(patch_size) stride-2 convolutions reach the patch grid
+            layers += [nn.Conv2d(width, width * 2, 3, stride=2, padding=1), nn.GELU()]
+            width, size = width * 2, size // 2
+        layers.append(nn.Conv2d(width, cfg.vit_dim, 3, stride=2, padding=1))
+        self.stem = nn.Sequential(*layers)
+        self.colour = nn.Linear(4, cfg.vit_dim)
         self.row = nn.Parameter(torch.randn(cfg.grid, 1, cfg.vit_dim) * 0.02)
         self.col = nn.Parameter(torch.randn(1, cfg.grid, cfg.vit_dim) * 0.02)
         self.blocks = nn.ModuleList(
@@ -165,14 +186,26 @@ class VisionEncoder(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.vit_dim)
 
+    @staticmethod
+    def silhouette(images: Tensor) -> Tensor:
+        """(B, 1, H, W): 1 where a pixel's brightest channel exceeds :data:`_LIT`, else 0."""
+        return (images.amax(1, keepdim=True) > _LIT).to(images.dtype)
+
     def forward(self, images: Tensor) -> Tensor:
-        x = self.patch(images * 2 - 1)  # (B, C, g, g)
-        x = x.permute(0, 2, 3, 1) + self.row + self.col  # (B, g, g, C)
+        lit = self.silhouette(images)  # (B, 1, H, W)
+        shape = self.stem(lit * 2 - 1)  # (B, C, g, g)
+        share = F.avg_pool2d(lit, self.patch_size)  # (B, 1, g, g) lit share of each patch
+        mean = F.avg_pool2d(images * lit, self.patch_size) / share.clamp(min=1e-3)  # (B, 3, g, g)
+        colour = self.colour(torch.cat((mean, share), dim=1).permute(0, 2, 3, 1))  # (B, g, g, C)
+        x = shape.permute(0, 2, 3, 1) + colour + self.row + self.col  # (B, g, g, C)
         x = x.flatten(1, 2)  # (B, N=g*g, C)
         for block in self.blocks:
             x = block(x)
         out: Tensor = self.norm(x)  # (B, N, vit_dim)
         return out
+
+
+_LIT = 0.25  # a pixel whose brightest channel exceeds this is part of a shape (background is 0)
 
 
 class TextEncoder(nn.Module):
@@ -201,7 +234,10 @@ class TextEncoder(nn.Module):
 
 
 class CrossBlock(nn.Module):
-    """Flamingo's resampler layer: latents attend to [visual tokens; latents], then a SwiGLU."""
+    """Flamingo's resampler layer: latents attend to [visual tokens; latents], then a SwiGLU.
+
+    ``bias`` (L, N) is added to the attention logits of the latents on the N visual tokens.
+    """
 
     def __init__(self, dim: int, heads: int, hidden: int, eps: float) -> None:
         super().__init__()
@@ -214,36 +250,55 @@ class CrossBlock(nn.Module):
         self.norm_ff = RMSNorm(dim, eps)
         self.ff = SwiGLU(dim, hidden)
 
-    def forward(self, latents: Tensor, visual: Tensor) -> Tensor:
+    def forward(self, latents: Tensor, visual: Tensor, bias: Tensor) -> Tensor:
         B, L, C = latents.shape
         lat = self.norm_l(latents)
         ctx = torch.cat((self.norm_x(visual), lat), dim=1)  # (B, N+L, C)
         q = self.q(lat).view(B, L, self.heads, -1).transpose(1, 2)  # (B, H, L, hd)
         k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, hd)
+        mask = torch.cat((bias, bias.new_zeros(L, L)), dim=1)  # (L, N+L): none among latents
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, hd)
         latents = latents + self.proj(y.transpose(1, 2).reshape(B, L, C))
         out: Tensor = latents + self.ff(self.norm_ff(latents))
         return out
 
 
 _POS_INIT = 0.02  # std of each of the resampler's row and column position embeddings
+_LOCALITY = 2.0  # initial attention penalty per squared patch of distance from a latent's home
+
+
+def locality_prior(n_latents: int, grid: int, strength: float = _LOCALITY) -> Tensor:
+    """Attention bias (L, N): latent i, at its home on a √L×√L grid spread evenly over the
+    grid×grid patches, starts out looking at the patches near that home."""
+    side = math.isqrt(n_latents)
+    if side * side != n_latents:
+        raise ValueError(f"n_latents={n_latents} is not a square")
+    home = (torch.arange(side, dtype=torch.float32) + 0.5) * grid / side - 0.5  # patch units
+    patch = torch.arange(grid, dtype=torch.float32)
+    d_row = (home[:, None, None, None] - patch[None, None, :, None]) ** 2  # (side, 1, grid, 1)
+    d_col = (home[None, :, None, None] - patch[None, None, None, :]) ** 2  # (1, side, 1, grid)
+    return -strength * (d_row + d_col).reshape(n_latents, grid * grid)  # (L, N)
 
 
 class PerceiverResampler(nn.Module):
     """Patch features → ``n_latents`` visual tokens in the LM's embedding space.
 
-    The patch features get a second learned 2-D position embedding here: the latents only see
-    the features through attention, and without it "where" questions cannot be answered.
+    Position reaches the visual tokens twice. The patch features get a second learned 2-D
+    position embedding here, and every layer's cross-attention has a learned bias ``where``
+    (L, N) that starts as a locality prior: each latent begins by reading one region of the
+    image. Without that bias the latents learn a content pooling that averages positions away
+    (the same object in four cells gave visual tokens at cosine 0.99), and the LM cannot tell
+    where anything is.
     """
 
     def __init__(self, cfg: AnyMALConfig) -> None:
         super().__init__()
         self.proj = nn.Linear(cfg.vit_dim, cfg.dim)
-        # at 0.02 (the shipped weights) the content features drown the positions: the same object
-        # in four cells gives visual tokens at cosine 0.99; see the model card's status
         self.row = nn.Parameter(torch.randn(cfg.grid, 1, cfg.dim) * _POS_INIT)
         self.col = nn.Parameter(torch.randn(1, cfg.grid, cfg.dim) * _POS_INIT)
         self.latents = nn.Parameter(torch.randn(cfg.n_latents, cfg.dim) * 0.02)
+        prior = locality_prior(cfg.n_latents, cfg.grid)  # (L, N)
+        self.where = nn.Parameter(prior.expand(cfg.resampler_layers, -1, -1).clone())
         self.blocks = nn.ModuleList(
             CrossBlock(cfg.dim, cfg.n_heads, cfg.ffn_hidden, cfg.norm_eps)
             for _ in range(cfg.resampler_layers)
@@ -255,8 +310,8 @@ class PerceiverResampler(nn.Module):
         pos = (self.row + self.col).flatten(0, 1)  # (N, dim)
         visual = self.proj(features) + pos  # (B, N, dim)
         latents = self.latents.expand(B, -1, -1)  # (B, L, dim)
-        for block in self.blocks:
-            latents = block(latents, visual)
+        for block, bias in zip(self.blocks, self.where, strict=True):
+            latents = block(latents, visual, bias)
         out: Tensor = self.norm(latents)  # (B, L, dim)
         return out
 
@@ -285,7 +340,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, past: tuple[Tensor, Tensor] | None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        past: tuple[Tensor, Tensor] | None,
+        mask: Tensor | None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B,H,T,hd)
@@ -293,13 +353,15 @@ class Attention(nn.Module):
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)  # (B,H,P+T,hd)
         P = k.shape[2] - T
-        if T == 1:
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif T == 1:
             y = F.scaled_dot_product_attention(q, k, v)
         elif P == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            mask = torch.arange(P + T)[None, :] <= (P + torch.arange(T))[:, None]  # (T, P+T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            causal = torch.arange(P + T)[None, :] <= (P + torch.arange(T))[:, None]  # (T, P+T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)  # (B, T, C)
 
 
@@ -312,9 +374,14 @@ class DecoderBlock(nn.Module):
         self.ff = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, past: tuple[Tensor, Tensor] | None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        past: tuple[Tensor, Tensor] | None,
+        mask: Tensor | None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        h, kv = self.attn(self.norm1(x), cos, sin, past)
+        h, kv = self.attn(self.norm1(x), cos, sin, past, mask)
         x = x + h
         return x + self.ff(self.norm2(x)), kv
 
@@ -335,17 +402,36 @@ class LanguageModel(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        # x: (B, T, dim) input embeddings (text with visual tokens spliced in)
+    def forward(
+        self,
+        x: Tensor,
+        cache: KVCache | None = None,
+        *,
+        positions: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """Logits for input embeddings ``x`` (B, T, dim): text with visual tokens spliced in.
+
+        By default token t sits at position ``cache.length + t`` and attends causally. Training
+        packs several sequences into one row instead: ``positions`` (B, T) gives each token its
+        rotary position and ``mask`` (B, 1, T, T) which tokens it may attend to.
+        """
         start = 0 if cache is None else cache.length
         T = x.shape[1]
-        if start + T > self.cfg.max_seq_len:
-            raise InvalidRequest(f"sequence of {start + T} tokens exceeds {self.cfg.max_seq_len}")
-        cos, sin = self.cos[start : start + T], self.sin[start : start + T]  # (T, hd/2)
+        if positions is None:
+            if start + T > self.cfg.max_seq_len:
+                raise InvalidRequest(
+                    f"sequence of {start + T} tokens exceeds {self.cfg.max_seq_len}"
+                )
+            cos, sin = self.cos[start : start + T], self.sin[start : start + T]  # (T, hd/2)
+        else:
+            if cache is not None or mask is None:
+                raise ValueError("packed positions need a mask and no cache")
+            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B,1,T,hd/2)
         new: Cache = []
         for i, block in enumerate(self.blocks):
             past = cache.layers[i] if cache is not None and cache.layers else None
-            x, kv = block(x, cos, sin, past)
+            x, kv = block(x, cos, sin, past, mask)
             new.append(kv)
         if cache is not None:
             cache.layers = new

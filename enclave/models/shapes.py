@@ -25,7 +25,7 @@ and half of them contain at least one held-out combination.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, Literal
 
 import numpy as np
@@ -48,6 +48,7 @@ __all__ = [
     "sample_qa",
     "sample_scene",
     "scene_stream",
+    "shape_twin",
 ]
 
 IMAGE_SIZE: Final = 32
@@ -161,6 +162,24 @@ def sample_scene(rng: random.Random, split: Split) -> Scene:
                 )
             )
         return Scene(tuple(objects))
+
+
+def shape_twin(scene: Scene, rng: random.Random, split: Split) -> Scene | None:
+    """``scene`` with one object's shape changed, everything else equal: a hard negative that
+    only a model that reads shapes can tell apart (None if no object can change shape)."""
+    objects = list(scene.objects)
+    used = {o.shape for o in objects}
+    for i in rng.sample(range(len(objects)), len(objects)):
+        o = objects[i]
+        options = [
+            s
+            for s in SHAPES
+            if s not in used and (split != "train" or (o.colour, s) not in HELD_OUT_COMBOS)
+        ]
+        if options:
+            objects[i] = replace(o, shape=rng.choice(options))
+            return Scene(tuple(objects))
+    return None
 
 
 def _mask(shape: str, size: int) -> npt.NDArray[np.bool_]:
