@@ -91,7 +91,26 @@ class AnyMALConfig:
             raise InvalidWeights("config: vit_heads must divide vit_dim")
         if math.isqrt(config.n_latents) ** 2 != config.n_latents:
             raise InvalidWeights("config: n_latents must be a square (the latents form a grid)")
+        # caps far above any sensible toy model, so a hostile config cannot make the loader build
+        # something huge (sizes are checked on the meta device before allocating, see from_tensors)
+        if config.patch_size > config.image_size or config.image_size > _MAX_IMAGE:
+            raise InvalidWeights(f"config: need patch_size <= image_size <= {_MAX_IMAGE}")
+        depth = (config.vit_layers, config.text_layers, config.resampler_layers, config.n_layers)
+        if max(depth) > _MAX_LAYERS:
+            raise InvalidWeights(f"config: at most {_MAX_LAYERS} layers in any stack")
+        if (config.dim // config.n_heads) % 2:
+            raise InvalidWeights("config: the LM's head size must be even (rotary pairs)")
+        if not config.n_latents + 4 <= config.max_seq_len <= _MAX_CONTEXT:
+            raise InvalidWeights(
+                f"config: max_seq_len must hold the {config.n_latents} visual tokens and a "
+                f"question, and be at most {_MAX_CONTEXT}"
+            )
         return config
+
+
+_MAX_IMAGE = 1024
+_MAX_LAYERS = 64
+_MAX_CONTEXT = 8192
 
 
 # ---------------------------------------------------------------------------- building blocks
@@ -188,8 +207,16 @@ class VisionEncoder(nn.Module):
 
     @staticmethod
     def silhouette(images: Tensor) -> Tensor:
-        """(B, 1, H, W): 1 where a pixel's brightest channel exceeds :data:`_LIT`, else 0."""
-        return (images.amax(1, keepdim=True) > _LIT).to(images.dtype)
+        """(B, 1, H, W): 1 where a pixel differs from the background by more than :data:`_LIT`
+        in some channel, else 0. The background is the median colour of the image's border (the
+        training scenes' is black, and no shape touches the border), so a consumer's photo of
+        shapes on grey or white paper is read the same way."""
+        border = torch.cat(
+            (images[..., 0, :], images[..., -1, :], images[..., 1:-1, 0], images[..., 1:-1, -1]),
+            dim=-1,
+        )  # (B, 3, perimeter)
+        background = border.median(dim=-1).values[..., None, None]  # (B, 3, 1, 1)
+        return ((images - background).abs().amax(1, keepdim=True) > _LIT).to(images.dtype)
 
     def forward(self, images: Tensor) -> Tensor:
         lit = self.silhouette(images)  # (B, 1, H, W)
@@ -205,7 +232,7 @@ class VisionEncoder(nn.Module):
         return out
 
 
-_LIT = 0.25  # a pixel whose brightest channel exceeds this is part of a shape (background is 0)
+_LIT = 0.25  # a pixel this far from the background colour in some channel is part of a shape
 
 
 class TextEncoder(nn.Module):
@@ -640,26 +667,43 @@ class AnyMAL(nn.Module):
             raise InvalidWeights(str(exc)) from None
         if "config" not in metadata:
             raise InvalidWeights("metadata has no config")
-        model = cls(AnyMALConfig.from_json(metadata["config"]))
+        return cls.from_tensors(AnyMALConfig.from_json(metadata["config"]), tensors)
+
+    @classmethod
+    def from_tensors(cls, config: AnyMALConfig, tensors: dict[str, Tensor]) -> AnyMAL:
+        """Build the model for ``config`` and load ``tensors`` strictly. The names and shapes are
+        compared on a meta-device model first, so a config that does not match its tensors is
+        refused before anything of its size is allocated."""
+        with torch.device("meta"):
+            probe = cls(config)
+        _match(probe.state_dict(), tensors)
+        model = cls(config)
         model.load_strict(tensors)
         return model.eval()
 
     def load_strict(self, tensors: dict[str, Tensor]) -> None:
         state = self.state_dict()
-        missing, extra = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
-        if missing or extra:
-            raise InvalidWeights(f"missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
-        for name, want in state.items():
+        _match(state, tensors)
+        for name in state:
             got = tensors[name]
-            if got.shape != want.shape:
-                raise InvalidWeights(
-                    f"tensor {name} has shape {tuple(got.shape)}; expected {tuple(want.shape)}"
-                )
             if not got.is_floating_point() or not bool(torch.isfinite(got).all()):
                 raise InvalidWeights(f"tensor {name} must hold finite floating-point values")
         with torch.no_grad():
             for name, want in state.items():
                 want.copy_(tensors[name])
+
+
+def _match(state: dict[str, Tensor], tensors: dict[str, Tensor]) -> None:
+    """Refuse ``tensors`` unless they have exactly the names and shapes of ``state``."""
+    missing, extra = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
+    if missing or extra:
+        raise InvalidWeights(f"missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
+    for name, want in state.items():
+        got = tensors[name]
+        if got.shape != want.shape:
+            raise InvalidWeights(
+                f"tensor {name} has shape {tuple(got.shape)}; expected {tuple(want.shape)}"
+            )
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:

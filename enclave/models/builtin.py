@@ -110,8 +110,9 @@ class AnyMALRuntime:
         if not isinstance(raw, dict):
             raise UnsupportedModel("config.json of an anymal model needs an 'anymal' object")
         try:
-            model = AnyMAL(AnyMALConfig.from_json(json.dumps(raw)))
-            model.load_strict(dict(unlocked.tensors))
+            model = AnyMAL.from_tensors(
+                AnyMALConfig.from_json(json.dumps(raw)), dict(unlocked.tensors)
+            )
         except InvalidWeights as exc:
             raise UnsupportedModel(f"anymal weights: {exc}") from None
         return cls(model, model_id=unlocked.model_id)

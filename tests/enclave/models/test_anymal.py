@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from enclave.models import _safetensors, shapes
-from enclave.models.anymal import AnyMAL, AnyMALConfig, InvalidRequest, InvalidWeights
+from enclave.models import train as train_module
+from enclave.models.anymal import (
+    AnyMAL,
+    AnyMALConfig,
+    InvalidRequest,
+    InvalidWeights,
+    VisionEncoder,
+    locality_prior,
+)
 from enclave.models.tokenizer import VOCAB, Tokenizer
 from enclave.models.train import blind_baseline, evaluate
 
@@ -267,33 +277,118 @@ def test_rejects_weights_not_matching_config(tiny: AnyMAL, change: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("key", "value"),
-    [("patch_size", 6), ("patch_size", 1), ("n_latents", 5)],
-    ids=["patch-not-power-of-two", "patch-one", "latents-not-square"],
+    "changes",
+    [
+        {"image_size": 48, "patch_size": 12},
+        {"patch_size": 1},
+        {"n_latents": 5},
+        {"resampler_layers": 1_000_000},
+        {"image_size": 2048, "patch_size": 1024},
+        {"max_seq_len": 6},
+        {"dim": 6, "n_heads": 2},
+    ],
+    ids=[
+        "patch-not-power-of-two",
+        "patch-one",
+        "latents-not-square",
+        "million-layers",
+        "huge-image",
+        "context-smaller-than-image-tokens",
+        "odd-rotary-head",
+    ],
 )
-def test_rejects_config_the_architecture_cannot_build(key: str, value: int) -> None:
+def test_rejects_config_the_architecture_cannot_build_or_serve(changes: dict[str, int]) -> None:
     """A weights file's config is untrusted metadata: a patch size the stem cannot halve down to,
-    or latents that do not form a grid, are refused before any module is built."""
-    config = TINY.to_json().replace(f'"{key}": {getattr(TINY, key)}', f'"{key}": {value}')
-    with pytest.raises(InvalidWeights, match=key):
-        AnyMALConfig.from_json(config)
+    latents that do not form a grid, stacks or images big enough to exhaust memory, a context
+    that cannot hold the image tokens, or a rotary head of odd size are refused before any module
+    is built."""
+    raw = json.loads(TINY.to_json())
+    raw.update(changes)
+    with pytest.raises(InvalidWeights, match="config"):
+        AnyMALConfig.from_json(json.dumps(raw))
 
 
-def test_shape_path_is_blind_to_colour(tiny: AnyMAL) -> None:
-    """The encoder's shape feature sees only the silhouette: recolouring every object leaves it
-    unchanged, so shapes read on seen colours carry over to held-out colour-shape pairs. The
-    colour feature, and so the encoder's output, does change."""
-    objects = (shapes.Obj("red", "circle", "top left", 12, 2, 2),)
-    recoloured = (shapes.Obj("blue", "circle", "top left", 12, 2, 2),)
-    a = torch.from_numpy(shapes.render(shapes.Scene(objects)))[None]
-    b = torch.from_numpy(shapes.render(shapes.Scene(recoloured)))[None]
-    vision = tiny.vision
+def test_rejects_hostile_config_before_allocating_its_model(tiny: AnyMAL) -> None:
+    """A config that passes the caps but does not match its (tiny) tensors is refused on the
+    meta device: the 1024-pixel stem it describes (gigabytes of convolution weights) is never
+    allocated."""
+    tensors, metadata = _safetensors.loads(tiny.to_safetensors())
+    raw = json.loads(metadata["config"])
+    raw.update(image_size=1024, patch_size=1024, max_seq_len=64)
+    metadata["config"] = json.dumps(raw)
+    with pytest.raises(InvalidWeights, match="vision"):
+        AnyMAL.from_safetensors(_safetensors.dumps(tensors, metadata))
+
+
+def test_shape_path_is_blind_to_colour_and_background(tiny: AnyMAL) -> None:
+    """The encoder's shape feature sees only the silhouette: recolouring an object, or drawing
+    the scene on a grey or white background instead of black, leaves it unchanged, so shapes
+    read on seen colours carry over to held-out colour-shape pairs. The colour feature, and so
+    the encoder's output, does change with the object's colour."""
+    red = torch.from_numpy(
+        shapes.render(shapes.Scene((shapes.Obj("red", "circle", "top left", 12, 2, 2),)))
+    )
+    blue = torch.from_numpy(
+        shapes.render(shapes.Scene((shapes.Obj("blue", "circle", "top left", 12, 2, 2),)))
+    )
+    lit = VisionEncoder.silhouette(red[None])
+    assert int(lit.sum()) > 50
+    assert torch.equal(VisionEncoder.silhouette(blue[None]), lit)
+    for paper in (0.35, 1.0):  # the same red circle on grey, then white paper
+        drawn = torch.where(red.amax(0, keepdim=True) > 0, red, torch.full_like(red, paper))
+        assert torch.equal(VisionEncoder.silhouette(drawn[None]), lit)
     with torch.inference_mode():
-        lit_a, lit_b = vision.silhouette(a), vision.silhouette(b)
-        assert torch.equal(lit_a, lit_b)
-        assert int(lit_a.sum()) > 50
-        assert torch.equal(vision.stem(lit_a * 2 - 1), vision.stem(lit_b * 2 - 1))
-        assert not torch.allclose(vision(a), vision(b))
+        assert not torch.allclose(tiny.vision(red[None]), tiny.vision(blue[None]))
+
+
+def test_locality_prior_starts_each_latent_on_its_own_quadrant() -> None:
+    prior = locality_prior(4, 4)  # 4 latents over a 4×4 patch grid
+    assert prior.shape == (4, 16)
+    quadrant_of_patch = [(r // 2) * 2 + c // 2 for r in range(4) for c in range(4)]
+    for latent in range(4):
+        favourite = {p for p in range(16) if prior[latent, p] == prior[latent].max()}
+        assert {quadrant_of_patch[p] for p in favourite} == {latent}
+    with pytest.raises(ValueError, match="square"):
+        locality_prior(5, 4)
+
+
+def test_packed_questions_train_exactly_what_separate_rows_would() -> None:
+    """Instruction tuning packs a scene's questions into one row; a mask or rotary-position bug
+    would silently train something else. The packed loss equals the loss of one row per question
+    (float64, random weights, ragged rows so padding is exercised), and no row is fully masked."""
+    torch.manual_seed(0)
+    model = AnyMAL(TINY).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    tok = Tokenizer()
+    rng = random.Random(1)
+    scenes = [shapes.sample_scene(rng, "train") for _ in range(3)]
+    groups = [shapes.questions(s, rng, "train") for s in scenes]
+    groups[1] = groups[1][:3]
+    images = {id(s): torch.from_numpy(shapes.render(s)).double()[None] for s in scenes}
+    L = TINY.n_latents
+    ids, positions, mask, target = train_module._pack_questions(tok, groups, L)
+    assert bool(mask.any(-1).all())
+    bos = model.lm.embed(torch.full((3, 1), tok.bos))
+    visual = torch.cat([model.image_tokens(images[id(s)]) for s in scenes])
+    x = torch.cat((bos, visual, model.lm.embed(ids)), dim=1)
+    logits = model.lm(x, positions=positions, mask=mask)[:, 1 + L :]
+    packed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for scene, group in zip(scenes, groups, strict=True):
+        for q in group:
+            row, answer = train_module._prompt_answer_batch(tok, [q.question], [q.answer])
+            text = model.lm.embed(row)
+            out = model.lm(
+                torch.cat((text[:, :1], model.image_tokens(images[id(scene)]), text[:, 2:]), 1)
+            )
+            want = row[:, 2:].masked_fill(~answer[:, 2:], -100)
+            total = total + F.cross_entropy(
+                out[:, L:-1].reshape(-1, out.shape[-1]), want.reshape(-1), reduction="sum"
+            )
+            count += int((want != -100).sum())
+    assert torch.allclose(packed, total / count, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize(
