@@ -3,14 +3,20 @@
 The three AnyMAL stages at toy scale (data is generated on the fly by :mod:`.shapes`):
 
 (a) **contrastive pretraining** of the ViT against captions (CLIP loss, a small text tower that is
-    thrown away afterwards);
+    thrown away afterwards), with shape-twin hard negatives and a region–phrase term in the manner
+    of region-level CLIP (RegionCLIP, GLIP): each cell of the scene's 2×2 grid, pooled from its
+    patches, is contrasted with a fixed set of phrases naming a shape and, separately, a colour;
+    the target is what the scene (and so its caption) has in that cell. Whole-image contrast
+    alone leaves shapes weakly encoded: a batch of captions is told apart by colour and position
+    almost always, and the previous weights, trained without the region term, scored 0.30 on
+    shape questions (text-only guessing: 0.29);
 (b) **alignment**: captioning ("describe the image ?" → caption) trains the resampler and the LM
     with the encoder frozen. AnyMAL freezes a pretrained LLM here; we have none, so the LM learns
     the language of captions in this same stage (documented in the model card);
 (c) **instruction tuning** on the six question types, loss on answer tokens only. The resampler and
-    LM train at the full rate and the encoder at half of it (AnyMAL keeps it frozen; at toy scale
-    encoder adaptation is cheap, and the contrastive stage alone leaves shapes weakly encoded: a
-    batch of random captions is told apart by colour and position alone).
+    LM train; the encoder stays frozen, as in AnyMAL. (With the region term in stage (a) the
+    frozen encoder is the better choice by far: one run letting it train at half the rate here
+    scored 0.553 held-out, against 0.882 frozen, same stage (a) weights, 1500 steps each.)
 
 Each instruction-tuning scene yields all six of its questions, packed into one row after one copy
 of its visual tokens: every question attends to the image and to itself only, and starts at the
@@ -54,16 +60,22 @@ class TrainConfig:
     clip_batch: int = 256
     clip_lr: float = 2e-3
     clip_twins: bool = True  # half of each batch: shape twins of the other half
+    clip_regions: float = 1.0  # weight of the region–phrase contrastive term (0: off)
     align_steps: int = 150  # (b) captioning
     align_batch: int = 64
     align_lr: float = 2e-3
     align_encoder_lr_scale: float = 0.0  # 0: the encoder is frozen in stage (b), as in AnyMAL
-    qa_steps: int = 1500  # (c) instruction tuning
+    qa_steps: int = 1800  # (c) instruction tuning
     qa_scenes: int = 32  # × 6 questions per step
     qa_lr: float = 1.5e-3
-    encoder_lr_scale: float = 0.5  # encoder LR relative to qa_lr in stage (c)
+    encoder_lr_scale: float = 0.0  # encoder LR relative to qa_lr in stage (c); 0: frozen
     weight_decay: float = 0.05
     warmup: int = 30
+
+    def __post_init__(self) -> None:
+        for name in ("clip_regions", "align_encoder_lr_scale", "encoder_lr_scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must not be negative")
 
 
 def _images(scenes: Iterable[shapes.Scene]) -> Tensor:
@@ -122,17 +134,40 @@ class _Clip(nn.Module):
         self.scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def logits(self, images: Tensor, ids: Tensor, pad: int) -> Tensor:
-        img = F.normalize(self.img_proj(self.vision(images).mean(1)), dim=-1)  # (B, D)
+        return self.logits_and_regions(images, ids, pad, None)[0]
+
+    def logits_and_regions(
+        self, images: Tensor, ids: Tensor, pad: int, phrases: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Image–caption logits (B, B) and, given phrase ids (P, T), the logits of each scene
+        cell's pooled features against the phrases (B * cells, P)."""
+        feats = self.vision(images)  # (B, N, C)
+        img = F.normalize(self.img_proj(feats.mean(1)), dim=-1)  # (B, D)
         txt = F.normalize(self.txt_proj(self.text(ids, ids != pad)), dim=-1)  # (B, D)
-        return self.scale.clamp(max=math.log(100)).exp() * img @ txt.T  # (B, B)
+        scale = self.scale.clamp(max=math.log(100)).exp()
+        if phrases is None:
+            return scale * img @ txt.T, None
+        cells = _cell_features(feats)  # (B, cells, C)
+        reg = F.normalize(self.img_proj(cells.flatten(0, 1)), dim=-1)  # (B * cells, D)
+        ph = F.normalize(self.txt_proj(self.text(phrases, phrases != pad)), dim=-1)  # (P, D)
+        return scale * img @ txt.T, scale * reg @ ph.T
 
 
-def _clip_batch(
-    rng: random.Random, tok: Tokenizer, n: int, twins: bool = False
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``n`` scenes, their captions and which captions are equal. With ``twins`` half the batch
-    are shape twins of the other half (:func:`shapes.shape_twin`): in a batch of random scenes
-    colour and position alone tell almost every caption apart, and shapes go unlearned."""
+def _cell_features(feats: Tensor) -> Tensor:
+    """(B, N, C) patch features, row-major over the square patch grid → (B, cells, C), the mean
+    over each cell of the scenes' 2×2 grid, in :data:`shapes.POSITIONS` order."""
+    B, N, C = feats.shape
+    g, side = math.isqrt(N), math.isqrt(len(shapes.POSITIONS))
+    if g * g != N or g % side:
+        raise ValueError(f"a {N}-patch grid does not split evenly into {side}×{side} cells")
+    grid = feats.transpose(1, 2).reshape(B, C, g, g)  # (B, C, rows, cols)
+    return F.avg_pool2d(grid, g // side).flatten(2).transpose(1, 2)  # (B, cells, C)
+
+
+def _clip_scenes(rng: random.Random, n: int, twins: bool = False) -> list[shapes.Scene]:
+    """``n`` training scenes. With ``twins`` half the batch are shape twins of the other half
+    (:func:`shapes.shape_twin`): in a batch of random scenes colour and position alone tell
+    almost every caption apart, and shapes go unlearned."""
     scenes: list[shapes.Scene] = []
     while len(scenes) < n:
         scene = shapes.sample_scene(rng, "train")
@@ -140,9 +175,62 @@ def _clip_batch(
         twin = shapes.shape_twin(scene, rng, "train") if twins else None
         if twin is not None and len(scenes) < n:
             scenes.append(twin)
+    return scenes
+
+
+def _clip_tensors(tok: Tokenizer, scenes: list[shapes.Scene]) -> tuple[Tensor, Tensor, Tensor]:
+    """The scenes' images, their captions' ids and which captions are equal (B, B)."""
     caps = [shapes.caption(s) for s in scenes]
     same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32)  # (B, B)
     return _images(scenes), _pad([tok.encode(c) for c in caps], tok.pad), same
+
+
+def _clip_batch(
+    rng: random.Random, tok: Tokenizer, n: int, twins: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``n`` scenes' images, captions and which captions are equal."""
+    return _clip_tensors(tok, _clip_scenes(rng, n, twins))
+
+
+# Region phrases (stage a): each cell of a scene's 2×2 grid is contrasted with a fixed set of
+# phrases, once with those naming a shape and once with those naming a colour; the target is what
+# the scene (and so its caption) has in that cell. The two kinds are separate so that neither can
+# be read off the other. Measured with linear probes per cell after stage (a) alone (logistic
+# regression on 3000 training scenes, scored on held-out pairs of 1000 held-out scenes): cells
+# contrasted with whole "a red square" phrases read the shapes of held-out pairs at 0.47–0.60;
+# contrasted with shape phrases alone, shapes read at 0.93–0.96 but colours fell to 0.69–0.73.
+# The empty cell's phrase is the same in both lists, so it gets one text embedding.
+_EMPTY = "no shape"
+_SHAPE_PHRASES: tuple[str, ...] = (*(f"a {s}" for s in shapes.SHAPES), _EMPTY)
+_COLOUR_PHRASES: tuple[str, ...] = (*shapes.COLOURS, _EMPTY)
+
+
+def _cell_labels(scenes: list[shapes.Scene]) -> tuple[Tensor, Tensor]:
+    """For each scene and each cell in :data:`shapes.POSITIONS` order, the index of the phrase
+    naming the shape there in :data:`_SHAPE_PHRASES` and of its colour in
+    :data:`_COLOUR_PHRASES` (the last one, ``no shape``, when the cell is empty)."""
+    cells = len(shapes.POSITIONS)
+    shape = torch.full((len(scenes), cells), len(_SHAPE_PHRASES) - 1)
+    colour = torch.full((len(scenes), cells), len(_COLOUR_PHRASES) - 1)
+    for i, s in enumerate(scenes):
+        for o in s.objects:
+            cell = shapes.POSITIONS.index(o.position)
+            shape[i, cell] = _SHAPE_PHRASES.index(f"a {o.shape}")
+            colour[i, cell] = _COLOUR_PHRASES.index(o.colour)
+    return shape.flatten(), colour.flatten()  # (B * cells,) each
+
+
+def _region_phrases(tok: Tokenizer) -> Tensor:
+    """Ids (P, T) of :data:`_SHAPE_PHRASES` then :data:`_COLOUR_PHRASES`."""
+    return _pad([tok.encode(p) for p in (*_SHAPE_PHRASES, *_COLOUR_PHRASES)], tok.pad)
+
+
+def _region_loss(regions: Tensor, scenes: list[shapes.Scene]) -> Tensor:
+    """Cross-entropy of each cell (B * cells, P) against the shape phrases (the first columns)
+    and, separately, the colour phrases (the rest), phrase ids from :func:`_region_phrases`."""
+    shape, colour = _cell_labels(scenes)
+    n = len(_SHAPE_PHRASES)
+    return F.cross_entropy(regions[:, :n], shape) + F.cross_entropy(regions[:, n:], colour)
 
 
 def _stage_clip(model: AnyMAL, tc: TrainConfig, rng: random.Random, progress: Progress) -> float:
@@ -150,12 +238,16 @@ def _stage_clip(model: AnyMAL, tc: TrainConfig, rng: random.Random, progress: Pr
     clip = _Clip(model)
     opt = torch.optim.AdamW(clip.parameters(), lr=tc.clip_lr, weight_decay=tc.weight_decay)
     clip.train()
+    phrases = _region_phrases(tok) if tc.clip_regions else None
     for step in range(tc.clip_steps):
         _set_lr(opt, _lr(step, tc.clip_steps, tc.clip_lr, tc.warmup))
-        images, ids, same = _clip_batch(rng, tok, tc.clip_batch, twins=tc.clip_twins)
-        logits = clip.logits(images, ids, tok.pad)
+        scenes = _clip_scenes(rng, tc.clip_batch, twins=tc.clip_twins)
+        images, ids, same = _clip_tensors(tok, scenes)
+        logits, regions = clip.logits_and_regions(images, ids, tok.pad, phrases)
         target = same / same.sum(1, keepdim=True)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        if regions is not None:
+            loss = loss + tc.clip_regions * _region_loss(regions, scenes)
         opt.zero_grad(set_to_none=True)
         torch.autograd.backward(loss)
         opt.step()
@@ -250,11 +342,12 @@ def _stage_qa(model: AnyMAL, tc: TrainConfig, rng: random.Random, progress: Prog
     tok = Tokenizer()
     vision = list(model.vision.parameters())
     rest = [p for n, p in model.named_parameters() if not n.startswith("vision.")]
-    opt = torch.optim.AdamW(
-        [{"params": vision, "scale": tc.encoder_lr_scale}, {"params": rest, "scale": 1.0}],
-        lr=tc.qa_lr,
-        weight_decay=tc.weight_decay,
-    )
+    param_groups: list[dict[str, Any]] = [{"params": rest, "scale": 1.0}]
+    if tc.encoder_lr_scale > 0:
+        param_groups.append({"params": vision, "scale": tc.encoder_lr_scale})
+    else:
+        model.vision.requires_grad_(False)
+    opt = torch.optim.AdamW(param_groups, lr=tc.qa_lr, weight_decay=tc.weight_decay)
     model.train()
     loss = torch.tensor(0.0)
     for step in range(tc.qa_steps):
@@ -267,6 +360,7 @@ def _stage_qa(model: AnyMAL, tc: TrainConfig, rng: random.Random, progress: Prog
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         progress("instruct", step + 1, tc.qa_steps)
+    model.vision.requires_grad_(True)
     return float(loss.detach())
 
 
@@ -373,6 +467,20 @@ def train(
     return report
 
 
+def _clip_extras(tc: TrainConfig) -> str:
+    extras = [
+        *(["shape-twin negatives"] if tc.clip_twins else []),
+        *([f"region–phrase term ×{tc.clip_regions:g}"] if tc.clip_regions else []),
+    ]
+    return f" ({', '.join(extras)})" if extras else ""
+
+
+def _trains(encoder_scale: float) -> str:
+    if encoder_scale:
+        return f"all (ViT at {encoder_scale:g}× LR)"
+    return "resampler + LM (ViT frozen)"
+
+
 def _card(
     model: AnyMAL,
     tc: TrainConfig,
@@ -420,12 +528,12 @@ separate seed stream, half of them containing a held-out combination.
 
 | stage | steps | batch | trains | seconds |
 |---|---|---|---|---|
-| (a) CLIP contrastive | {tc.clip_steps} | {tc.clip_batch} | ViT + text tower | \
-{times["clip"]:.0f} |
-| (b) alignment: captioning | {tc.align_steps} | {tc.align_batch} | resampler + LM \
-(ViT frozen) | {times["align"]:.0f} |
-| (c) instruction tuning | {tc.qa_steps} | {tc.qa_scenes}×6 | all (ViT at \
-{tc.encoder_lr_scale}× LR) | {times["instruct"]:.0f} |
+| (a) CLIP contrastive{_clip_extras(tc)} | {tc.clip_steps} | {tc.clip_batch} | \
+ViT + text tower | {times["clip"]:.0f} |
+| (b) alignment: captioning | {tc.align_steps} | {tc.align_batch} | \
+{_trains(tc.align_encoder_lr_scale)} | {times["align"]:.0f} |
+| (c) instruction tuning | {tc.qa_steps} | {tc.qa_scenes}×6 | \
+{_trains(tc.encoder_lr_scale)} | {times["instruct"]:.0f} |
 
 AnyMAL aligns against a frozen pretrained LLM; there is none at this scale, so stage (b) trains the
 LM on captions together with the resampler. Stage (c) puts loss on answer tokens only.
