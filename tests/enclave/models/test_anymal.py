@@ -471,6 +471,25 @@ def test_region_term_reaches_the_encoder_stem() -> None:
     assert clip.text.embed.weight.grad is not None
 
 
+def test_frozen_encoder_is_restored_when_a_stage_fails() -> None:
+    """Stage (c) freezes the encoder; an error mid-stage must not leave it frozen, nor unfreeze
+    a parameter the caller had frozen on purpose."""
+    torch.manual_seed(0)
+    model = AnyMAL(TINY)
+    model.vision.norm.weight.requires_grad_(False)
+
+    def interrupt(stage: str, step: int, total: int) -> None:
+        assert not any(p.requires_grad for p in model.vision.parameters())
+        raise KeyboardInterrupt
+
+    tc = train_module.TrainConfig(qa_steps=3, qa_scenes=2, warmup=1)
+    with pytest.raises(KeyboardInterrupt):
+        train_module._stage_qa(model, tc, random.Random(0), interrupt)
+    flags = {n: p.requires_grad for n, p in model.vision.named_parameters()}
+    assert flags.pop("norm.weight") is False
+    assert all(flags.values())
+
+
 def test_train_config_rejects_negative_weights() -> None:
     with pytest.raises(ValueError, match="clip_regions"):
         train_module.TrainConfig(clip_regions=-1.0)
@@ -510,7 +529,9 @@ def test_shipped_weights_answer_held_out_questions() -> None:
     Floor 0.7: the shipped model measures 0.85 on 1000 held-out questions (model-card.md) and the
     best text-only ("blind") answerer 0.27. On 60 questions the binomial standard deviation at
     p = 0.85 is about 0.046, so 0.7 sits more than three deviations below the model and far
-    above blind. Raise it (e.g. to 0.85) once the shipped model reaches 0.95.
+    above blind. The sample is fixed (seed 123): these weights score 56/60 on it; the spread that
+    matters is between retrains (0.85–0.88 held-out across runs of this recipe). Raise it (e.g.
+    to 0.85) once the shipped model reaches 0.95.
     """
     model = AnyMAL.from_safetensors(WEIGHTS.read_bytes())
     assert WEIGHTS.stat().st_size <= 20 * 1024 * 1024
