@@ -43,6 +43,7 @@ __all__ = [
     "Sample",
     "Scene",
     "caption",
+    "exists_question",
     "questions",
     "render",
     "sample_qa",
@@ -232,7 +233,15 @@ def questions(scene: Scene, rng: random.Random, split: Split) -> list[Sample]:
             scene, "count", "how many shapes are there ?", NUMBERS[len(objs)], scene.has_held_out()
         )
     )
-    # exists: half present objects, half absent pairs (mostly a present colour or shape re-paired)
+    out.append(exists_question(scene, rng, split))
+    return out
+
+
+def exists_question(scene: Scene, rng: random.Random, split: Split) -> Sample:
+    """An ``exists`` question about ``scene``: half the time about an object in it, half about
+    an absent pair, mostly a present colour or shape re-paired (never a held-out pair in
+    ``"train"``)."""
+    objs = scene.objects
     if rng.random() < 0.5:
         o = rng.choice(objs)
         colour, shape, answer = o.colour, o.shape, "yes"
@@ -251,8 +260,7 @@ def questions(scene: Scene, rng: random.Random, split: Split) -> list[Sample]:
             break
         answer = "no"
     held = (colour, shape) in HELD_OUT_COMBOS
-    out.append(Sample(scene, "exists", f"is there a {colour} {shape} ?", answer, held))
-    return out
+    return Sample(scene, "exists", f"is there a {colour} {shape} ?", answer, held)
 
 
 def sample_qa(seed: int, n: int, split: Split) -> list[Sample]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -342,6 +343,61 @@ def test_shape_path_is_blind_to_colour_and_background(tiny: AnyMAL) -> None:
         assert not torch.allclose(tiny.vision(red[None]), tiny.vision(blue[None]))
 
 
+def _one_object(colour: str, shape: str) -> torch.Tensor:
+    # size 12 at offset 2 covers the same four 8×8 patches whatever the shape
+    scene = shapes.Scene(
+        (
+            shapes.Obj(colour, shape, "top left", 12, 2, 2),
+            shapes.Obj("white", "cross", "bottom right", 11, 1, 3),
+        )
+    )
+    return torch.from_numpy(shapes.render(scene))[None]
+
+
+def test_colour_cannot_bind_to_shape_inside_the_encoder(tiny: AnyMAL) -> None:
+    """Attack: a held-out colour–shape pair (a red circle) read as a training pair because the
+    encoder learned conjunctions. The ViT blocks see the same input for a red and a green
+    circle, and the colour stream is the same for a red circle and a red square."""
+    vision = tiny.vision.eval()
+    seen: list[torch.Tensor] = []
+    hooks = [
+        b.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+        for b in vision.blocks
+    ]
+    try:
+        with torch.inference_mode():
+            red_circle = vision.streams(_one_object("red", "circle"))
+            red_inputs, seen[:] = list(seen), []
+            green_circle = vision.streams(_one_object("green", "circle"))
+            red_square = vision.streams(_one_object("red", "square"))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(red_inputs) == len(vision.blocks) > 0
+    for a, b in zip(red_inputs, seen[: len(vision.blocks)], strict=True):
+        assert torch.equal(a, b)  # no block sees the colour
+    assert torch.equal(red_circle[0], green_circle[0])  # shape stream
+    assert not torch.allclose(red_circle[1], green_circle[1])  # colour stream
+    assert torch.allclose(red_circle[1], red_square[1], atol=1e-5)
+    assert not torch.allclose(red_circle[0], red_square[0])
+
+
+def test_visual_tokens_of_an_unseen_pair_are_a_sum_of_seen_parts(tiny: AnyMAL) -> None:
+    """Attack: the resampler re-binds colour to shape. Its tokens for the two streams are added,
+    so tokens(red circle) − tokens(green circle) = tokens(red square) − tokens(green square): a
+    colour moves the tokens the same way whatever the shape it is on."""
+    with torch.inference_mode():
+        tok = {
+            (c, s): tiny.image_tokens(_one_object(c, s))
+            for c in ("red", "green")
+            for s in ("circle", "square")
+        }
+    recolour_circle = tok["red", "circle"] - tok["green", "circle"]
+    recolour_square = tok["red", "square"] - tok["green", "square"]
+    assert recolour_circle.abs().amax() > 1e-3
+    assert torch.allclose(recolour_circle, recolour_square, atol=1e-5)
+
+
 def test_locality_prior_starts_each_latent_on_its_own_quadrant() -> None:
     prior = locality_prior(4, 4)  # 4 latents over a 4×4 patch grid
     assert prior.shape == (4, 16)
@@ -493,6 +549,52 @@ def test_frozen_encoder_is_restored_when_a_stage_fails() -> None:
 def test_train_config_rejects_negative_weights() -> None:
     with pytest.raises(ValueError, match="clip_regions"):
         train_module.TrainConfig(clip_regions=-1.0)
+    with pytest.raises(ValueError, match="qa_extra_exists"):
+        train_module.TrainConfig(qa_extra_exists=-1)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="qa_label_smoothing"):
+            train_module.TrainConfig(qa_label_smoothing=bad)
+
+
+def test_extra_exists_questions_never_name_a_held_out_pair() -> None:
+    """Attack: the extra instruction-tuning questions leak a held-out colour–shape pair into
+    training. Each scene gets its six questions and then the extra ``exists`` ones, all about
+    training pairs, answered from the scene, both answers occurring."""
+    rng = shapes.scene_stream(3, "train")
+    scenes = [shapes.sample_scene(rng, "train") for _ in range(400)]
+    groups = train_module._qa_groups(scenes, rng, 2)
+    answers: Counter[str] = Counter()
+    for scene, group in zip(scenes, groups, strict=True):
+        assert [q.qtype for q in group] == [
+            "colour",
+            "where",
+            "shape",
+            "colour_at",
+            "count",
+            "exists",
+            "exists",
+            "exists",
+        ]
+        for q in group[-2:]:
+            colour, shape = q.question.split()[3:5]
+            assert (colour, shape) not in shapes.HELD_OUT_COMBOS
+            present = any((o.colour, o.shape) == (colour, shape) for o in scene.objects)
+            assert q.answer == ("yes" if present else "no")
+            answers[q.answer] += 1
+    assert min(answers.values()) > 300
+
+
+def test_label_smoothing_reaches_the_instruction_loss() -> None:
+    torch.manual_seed(0)
+    model = AnyMAL(TINY).eval()
+    rng = random.Random(0)
+    scenes = [shapes.sample_scene(rng, "train") for _ in range(2)]
+    groups = train_module._qa_groups(scenes, rng, 1)
+    tok = Tokenizer()
+    with torch.no_grad():
+        plain = train_module._qa_loss(model, tok, scenes, groups)
+        smooth = train_module._qa_loss(model, tok, scenes, groups, 0.5)
+    assert not torch.isclose(plain, smooth)
 
 
 @pytest.mark.parametrize(
@@ -526,18 +628,17 @@ def test_safetensors_rejects_overlapping_tensors() -> None:
 def test_shipped_weights_answer_held_out_questions() -> None:
     """The shipped model answers 60 fresh held-out questions (incl. unseen combinations).
 
-    Floor 0.7: the shipped model measures 0.91 on 1000 held-out questions (model-card.md) and the
-    best text-only ("blind") answerer 0.27. On 60 questions the binomial standard deviation at
-    p = 0.85 is about 0.046, so 0.7 sits more than three deviations below even the weakest recent
-    run and far above blind. The sample is fixed (seed 123); the spread that matters is between
-    retrains (0.85–0.91 held-out across runs of this recipe). Raise it (e.g. to 0.85) once the
-    shipped model reaches 0.95.
+    Floor 0.85: the shipped model measures 0.953 on 1000 held-out questions (model-card.md) and
+    on 3000 others, and 0.983 on this fixed sample (seed 123); the best text-only ("blind")
+    answerer scores 0.27. On 60 questions the binomial standard deviation at p = 0.95 is about
+    0.028, so 0.85 sits more than three deviations below the model and far above blind: a
+    retrain that falls below it has lost real ability (the previous recipe measured 0.91).
     """
     model = AnyMAL.from_safetensors(WEIGHTS.read_bytes())
     assert WEIGHTS.stat().st_size <= 20 * 1024 * 1024
     accuracy = evaluate(model, 60, seed=123)
     blind = blind_baseline(60, seed=123, train_samples=3000)
-    assert accuracy["overall"] >= 0.7
+    assert accuracy["overall"] >= 0.85
     assert accuracy["overall"] > blind["overall"] + 0.1
     tok = Tokenizer()
     scene = shapes.Scene((shapes.Obj("red", "circle", "top left", 12, 2, 2),))  # a held-out combo
