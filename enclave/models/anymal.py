@@ -188,8 +188,9 @@ class VisionEncoder(nn.Module):
     only which pixels are lit. The training data never pairs some colours with some shapes, and
     each earlier design learned that: an RGB stem read the shape of held-out pairs at 41–55 %
     (seen pairs 96–99 %), the silhouette stem with colour added before the blocks at 81–85 %.
-    Colour added after the blocks without the LayerNorm stayed too small to survive the
-    resampler (colour questions 0.10). See the model card.
+    Colour added after the blocks, linear and without the LayerNorm, came out about 12× smaller
+    than the shape features, and with one resampler pass over the sum the LM lost it (colour
+    questions 0.10). See the model card.
     """
 
     def __init__(self, cfg: AnyMALConfig) -> None:
@@ -502,7 +503,8 @@ class AnyMAL(nn.Module):
         """The visual tokens (B, L, dim): the resampler's tokens for the shape stream plus its
         tokens for the colour stream. The resampler never sees the two streams together, so a
         held-out colour–shape pair reaches the LM as the sum of a shape part and a colour part,
-        each one it has seen in training."""
+        each of a kind it has seen in training (the colour part varies with which patches are
+        lit, and so a little with the shape)."""
         shape, colour = self.vision.streams(images)  # (B, N, vit_dim) each
         both = self.resampler(torch.cat((shape, colour)))  # (2B, L, dim)
         out: Tensor = both[: len(shape)] + both[len(shape) :]  # (B, L, dim)
