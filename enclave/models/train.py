@@ -155,9 +155,6 @@ class _Clip(nn.Module):
         self.txt_proj = nn.Linear(cfg.vit_dim, cfg.clip_dim, bias=False)
         self.scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
-    def logits(self, images: Tensor, ids: Tensor, pad: int) -> Tensor:
-        return self.logits_and_regions(images, ids, pad, None)[0]
-
     def logits_and_regions(
         self, images: Tensor, ids: Tensor, pad: int, phrases: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
@@ -205,13 +202,6 @@ def _clip_tensors(tok: Tokenizer, scenes: list[shapes.Scene]) -> tuple[Tensor, T
     caps = [shapes.caption(s) for s in scenes]
     same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32)  # (B, B)
     return _images(scenes), _pad([tok.encode(c) for c in caps], tok.pad), same
-
-
-def _clip_batch(
-    rng: random.Random, tok: Tokenizer, n: int, twins: bool = False
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``n`` scenes' images, captions and which captions are equal."""
-    return _clip_tensors(tok, _clip_scenes(rng, n, twins))
 
 
 # Region phrases (stage a): each cell of a scene's 2×2 grid is contrasted with a fixed set of
@@ -278,8 +268,9 @@ def _stage_clip(model: AnyMAL, tc: TrainConfig, rng: random.Random, progress: Pr
     # a tie with an identical caption counts
     clip.eval()
     with torch.inference_mode():
-        images, ids, same = _clip_batch(random.Random(rng.random()), tok, 256)  # noqa: S311 (data)
-        best = clip.logits(images, ids, tok.pad).argmax(1)
+        scenes = _clip_scenes(random.Random(rng.random()), 256)  # noqa: S311 (data)
+        images, ids, same = _clip_tensors(tok, scenes)
+        best = clip.logits_and_regions(images, ids, tok.pad, None)[0].argmax(1)
         return float(same[torch.arange(len(best)), best].mean())
 
 
@@ -558,6 +549,7 @@ def _card(
         "lm": sum(p.numel() for p in model.lm.parameters()),
     }
     held = ", ".join(f"{c} {s}" for c, s in sorted(shapes.HELD_OUT_COMBOS))
+    per_scene = len(shapes.QUESTION_TYPES) + tc.qa_extra_exists
     return f"""# anymal-shapes
 
 A toy multimodal model in the AnyMAL recipe (ViT encoder → Perceiver Resampler → Llama-style LM)
@@ -593,7 +585,7 @@ separate seed stream, half of them containing a held-out combination.
 encoder + text tower | {times["clip"]:.0f} |
 | (b) alignment: captioning | {tc.align_steps} | {tc.align_batch} | \
 {_trains(tc.align_encoder_lr_scale)} | {times["align"]:.0f} |
-| (c) instruction tuning | {tc.qa_steps} | {tc.qa_scenes}×{6 + tc.qa_extra_exists} | \
+| (c) instruction tuning | {tc.qa_steps} | {tc.qa_scenes}×{per_scene} | \
 {_trains(tc.encoder_lr_scale, tc.qa_resampler)} | {times["instruct"]:.0f} |
 
 AnyMAL aligns against a frozen pretrained LLM; there is none at this scale, so stage (b) trains the
