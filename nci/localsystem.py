@@ -146,6 +146,8 @@ class LocalSystem:
 
     ``limits`` adds to the bridge's limits in the parent's configuration (the field names of
     ``parent.bridge.BridgeLimits``: ``client_read_timeout``, ``body_timeout``…).
+    ``model`` is the model sealed and served: ``"builtin"`` (the built-in AnyMAL) or
+    ``"smollm2"`` (AnyMAL with SmolLM2-135M-Instruct, about 550 MB sealed).
     ``launcher=False`` starts the enclave from this process instead of the parent's launcher (the
     same :class:`parent.launcher.LocalLauncher`, restarting it when it exits, hosted on the taps'
     event loop), so that :meth:`restart_parent` can stop the parent while the enclave lives.
@@ -164,7 +166,11 @@ class LocalSystem:
         echo_delay: float = 0.0,
         launcher: bool = True,
         limits: Mapping[str, int | float] | None = None,
+        model: str = "builtin",
     ) -> None:
+        if model not in ("builtin", "smollm2"):
+            raise LocalSystemError(f"model must be 'builtin' or 'smollm2', not {model!r}")
+        self.model = model
         self.state_dir = Path(state_dir).resolve()
         self.boot_timeout = boot_timeout
         self.stop_timeout = stop_timeout
@@ -293,19 +299,27 @@ class LocalSystem:
         return self.key_id
 
     def seal_and_publish(self) -> Manifest:
-        """The built-in model's folder (:attr:`model_dir`), sealed under the key into
-        :attr:`bundle_dir` with the provider's credentials, and published to :attr:`s3_url`."""
-        from enclave.models.builtin import BUILTIN_MODEL_ID, write_builtin_model_folder
+        """The model's folder (:attr:`model_dir`), sealed under the key into :attr:`bundle_dir`
+        with the provider's credentials, and published to :attr:`s3_url`."""
         from provider import publish, seal
 
         if not self.key_id:
             raise LocalSystemError("the provider's key is not created yet (create_key)")
-        write_builtin_model_folder(self.model_dir)
+        if self.model == "smollm2":
+            from enclave.models import smollm2
+
+            model_id = smollm2.MODEL_ID
+            smollm2.write_model_folder(self.model_dir)
+        else:
+            from enclave.models.builtin import BUILTIN_MODEL_ID, write_builtin_model_folder
+
+            model_id = BUILTIN_MODEL_ID
+            write_builtin_model_folder(self.model_dir)
         self.manifest = seal(
             self.model_dir,
             kms_client=self.aws("kms", PROVIDER),
             kms_key_id=self.key_id,
-            model_id=BUILTIN_MODEL_ID,
+            model_id=model_id,
             out=self.bundle_dir,
         )
         s3 = self.aws("s3", PROVIDER)
@@ -333,6 +347,9 @@ class LocalSystem:
                 parse_address(f"unix://{sock}/{listen}"),
                 parse_address(f"unix://{sock}/{upstream}"),
             )
+            if name == TAP_BUNDLES:
+                # the whole sealed bundle crosses it (a resumed stream crosses twice in part)
+                tap.max_capture = max(tap.max_capture, 3 * manifest.plaintext_size)
             self.run(tap.start())
             self.taps[name] = tap
         # opened by wait_ready once the enclave listens (see _gate_control)

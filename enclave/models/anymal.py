@@ -27,7 +27,16 @@ from enclave.errors import EnclaveError
 from enclave.models import _safetensors
 from enclave.models.tokenizer import IMAGE, Tokenizer
 
-__all__ = ["AnyMAL", "AnyMALConfig", "InvalidRequest", "InvalidWeights", "KVCache"]
+__all__ = [
+    "AnyMAL",
+    "AnyMALConfig",
+    "InvalidRequest",
+    "InvalidWeights",
+    "KVCache",
+    "pick",
+    "resampled_streams",
+    "two_stream_tokens",
+]
 
 
 class InvalidWeights(EnclaveError, ValueError):
@@ -355,6 +364,25 @@ class PerceiverResampler(nn.Module):
         return out
 
 
+def resampled_streams(
+    vision: VisionEncoder, resampler: PerceiverResampler, images: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The resampler's tokens (B, L, dim) for the shape stream and, apart, for the colour stream
+    of ``images`` (one resampler pass over both, batched)."""
+    shape, colour = vision.streams(images)  # (B, N, vit_dim) each
+    both = resampler(torch.cat((shape, colour)))  # (2B, L, dim)
+    return both[: len(shape)], both[len(shape) :]
+
+
+def two_stream_tokens(
+    vision: VisionEncoder, resampler: PerceiverResampler, images: Tensor
+) -> Tensor:
+    """(B, L, dim): the resampler's tokens for the shape stream plus its tokens for the colour
+    stream of ``images``."""
+    shape, colour = resampled_streams(vision, resampler, images)
+    return shape + colour
+
+
 # ---------------------------------------------------------------------------- language model
 
 Cache = list[tuple[Tensor, Tensor]]
@@ -505,10 +533,7 @@ class AnyMAL(nn.Module):
         held-out colour–shape pair reaches the LM as the sum of a shape part and a colour part,
         each of a kind it has seen in training (the colour part varies with which patches are
         lit, and so a little with the shape)."""
-        shape, colour = self.vision.streams(images)  # (B, N, vit_dim) each
-        both = self.resampler(torch.cat((shape, colour)))  # (2B, L, dim)
-        out: Tensor = both[: len(shape)] + both[len(shape) :]  # (B, L, dim)
-        return out
+        return two_stream_tokens(self.vision, self.resampler, images)
 
     def embed(self, ids: Tensor, images: Tensor, image_id: int) -> Tensor:
         """Token embeddings with each row's single ``<image>`` replaced by its visual tokens."""
@@ -610,7 +635,7 @@ class AnyMAL(nn.Module):
             logits = self.lm(x, cache)[0, -1]  # (vocab,)
         for _ in range(max_tokens):
             with torch.inference_mode():
-                token = self._pick(logits, temperature, top_p, generator)
+                token = pick(logits, temperature, top_p, generator)
             if token == tokenizer.eos:
                 break
             out.append(token)
@@ -658,19 +683,6 @@ class AnyMAL(nn.Module):
         )
         return "".join(pieces)
 
-    @staticmethod
-    def _pick(
-        logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None
-    ) -> int:
-        if temperature == 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits.float() / temperature, dim=-1)  # (vocab,)
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
-        sorted_p = sorted_p * keep
-        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)
-        return int(order[choice])
-
     # ------------------------------------------------------------------------ weights
 
     def to_safetensors(self) -> bytes:
@@ -710,6 +722,21 @@ class AnyMAL(nn.Module):
         with torch.no_grad():
             for name, want in state.items():
                 want.copy_(tensors[name])
+
+
+def pick(
+    logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> int:
+    """The next token from ``logits`` (vocab,): the most likely at temperature 0, else nucleus
+    sampling over the smallest set of tokens whose probability reaches ``top_p``."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (vocab,)
+    sorted_p, order = probs.sort(descending=True)
+    keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
+    sorted_p = sorted_p * keep
+    choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)
+    return int(order[choice])
 
 
 def _match(state: dict[str, Tensor], tensors: dict[str, Tensor]) -> None:

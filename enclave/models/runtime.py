@@ -13,6 +13,7 @@ and, once exhausted, says why it stopped and how many tokens it read and wrote. 
     llava       LLaVA-style Hugging Face VLMs              ┐
     idefics3    Idefics3 and SmolVLM                       ├ enclave.models.hf, extra [hf]
     qwen2_vl    Qwen2-VL                                   ┘
+    anymal_smollm2  AnyMAL with SmolLM2-135M-Instruct as its LLM (enclave.models.smollm2, [hf])
 
 Errors (``enclave.errors.EnclaveError`` below)::
 
@@ -54,7 +55,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
-FAMILIES: Final = ("anymal", "llava", "idefics3", "qwen2_vl")
+FAMILIES: Final = ("anymal", "llava", "idefics3", "qwen2_vl", "anymal_smollm2")
 
 
 class ModelRuntimeError(EnclaveError):
@@ -161,6 +162,10 @@ def load_runtime(model: UnlockedModel, *, threads: int | None = None) -> Runtime
         from enclave.models.hf import HFRuntime
 
         return HFRuntime.from_unlocked(model)
+    if family == "anymal_smollm2":
+        from enclave.models.smollm2 import SmolRuntime
+
+        return SmolRuntime.from_unlocked(model)
     if not isinstance(family, str):
         raise UnsupportedModel("config.json has no model_type")
     raise UnsupportedModel(f"model_type {family!r} is not one of {', '.join(FAMILIES)}")
