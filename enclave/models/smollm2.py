@@ -57,6 +57,7 @@ from enclave.models.anymal import (
     InvalidWeights,
     PerceiverResampler,
     VisionEncoder,
+    _match,
     pick,
     resampled_streams,
 )
@@ -650,15 +651,9 @@ def build(
     with torch.device("meta"):
         model = AnyMALSmol(encoder, llm)
     want = {k: v for k, v in model.state_dict().items() if k != "lm.lm_head.weight"}
-    missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
-    if missing or extra:
-        raise InvalidWeights(f"missing tensors {missing[:4]}, unexpected tensors {extra[:4]}")
-    for name, meta in want.items():
+    _match(want, dict(tensors))  # names and shapes, as the built-in model's loader checks them
+    for name in want:
         got = tensors[name]
-        if got.shape != meta.shape:
-            raise InvalidWeights(
-                f"tensor {name} has shape {tuple(got.shape)}; expected {tuple(meta.shape)}"
-            )
         if got.dtype != torch.float32 or not bool(torch.isfinite(got).all()):
             raise InvalidWeights(f"tensor {name} must hold finite float32 values")
     model.load_state_dict({k: tensors[k] for k in want}, strict=False, assign=True)
@@ -741,15 +736,11 @@ def assemble(adapter: bytes | Adapter, llm: LlamaWeights, *, builtin: bytes) -> 
     full |= {f"lm.{k}": v for k, v in llm.tensors.items()}
     full |= parsed.tensors
     full = {_lora_base(k, state): v for k, v in full.items()}
-    want = {k for k in state if k != "lm.lm_head.weight"}
-    missing, extra = sorted(want - set(full)), sorted(set(full) - want)
-    if missing or extra:
-        raise InvalidWeights(f"missing tensors {missing[:4]}, unexpected tensors {extra[:4]}")
+    want = {k: v for k, v in state.items() if k != "lm.lm_head.weight"}
+    _match(want, full)
     with torch.no_grad():
         for name in want:
             got = full[name]
-            if got.shape != state[name].shape:
-                raise InvalidWeights(f"tensor {name} has shape {tuple(got.shape)}")
             if not got.is_floating_point() or not bool(torch.isfinite(got).all()):
                 raise InvalidWeights(f"tensor {name} must hold finite floating-point values")
             state[name].copy_(got)

@@ -29,7 +29,6 @@ seven projections, at a learning rate of 3e-3: 0.78. The full run is in the card
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 from collections import Counter
@@ -46,11 +45,10 @@ from enclave.models import _safetensors, shapes
 from enclave.models import smollm2 as sm
 from enclave.models.anymal import AnyMAL
 from enclave.models.builtin import SHIPPED_WEIGHTS
-from enclave.models.train import CAPTION_PROMPT, _images, _lr
+from enclave.models.train import CAPTION_PROMPT, _images, _lr, _quiet
 
 __all__ = ["SmolTrainConfig", "evaluate", "train"]
 
-log = logging.getLogger(__name__)
 ADAPTER = "anymal-smollm2-adapter.safetensors"
 CARD = "model-card-smollm2.md"
 Progress = Callable[[str, int, int], None]
@@ -301,11 +299,6 @@ def evaluate(
         if progress is not None:
             progress("evaluate", i, n)
     return {k: right[k] / total[k] for k in total}
-
-
-def _quiet(stage: str, step: int, total: int) -> None:
-    if step == total or step % 50 == 0:
-        log.info("%s %d/%d", stage, step, total)
 
 
 def train(
